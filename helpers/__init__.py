@@ -1,0 +1,14 @@
+"""Shared helpers for the Memory Decoder tutorial series.
+
+Each module belongs to one concern and names the notebook that explains it:
+
+* ``helpers.paths``   -- where caches and artifacts live (all notebooks)
+* ``helpers.model``   -- loading the base model (notebook 01)
+* ``helpers.corpus``  -- the EU-law corpus and other corpora (notebook 01)
+* ``helpers.hidden``  -- batched hidden-state extraction (notebook 01)
+
+Importing this package has no side effects: nothing is downloaded or loaded
+until you call a function.
+"""
+
+__version__ = "0.1.0"

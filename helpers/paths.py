@@ -1,0 +1,74 @@
+"""Where the tutorial keeps downloads, caches and artifacts.
+
+Everything lives under ``data/`` at the repository root, so a learner can see
+(and delete) what the notebooks built.  Set ``MEMDEC_DATA_DIR`` to put it
+elsewhere, e.g. on a larger disk or on Google Drive in Colab.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """Root folder for data: ``$MEMDEC_DATA_DIR`` or ``<repo>/data``."""
+    root = Path(os.environ.get("MEMDEC_DATA_DIR", REPO_ROOT / "data"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cache_dir(*parts: str) -> Path:
+    """A sub-folder of ``data/cache`` (created on demand)."""
+    path = data_dir().joinpath("cache", *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def artifacts_dir() -> Path:
+    """Folder for things the notebooks produce (metrics, figures)."""
+    path = data_dir() / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Build a directory in a temporary sibling, then rename it into place.
+
+    If the body raises (or the process is interrupted) ``target`` is never
+    half-written: it either does not exist or holds the complete result.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Write a file under a temporary name, then rename it into place."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

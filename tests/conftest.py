@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random Gemma-3-shaped model and a word tokenizer.
+
+Nothing here downloads anything; the tiny model runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+WORDS = ("the data subject shall have the right to obtain from controller erasure "
+         "of personal data concerning him or her without undue delay article "
+         "regulation member states commission authority processing title question "
+         "answer : . , ( ) 1 2 3").split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
+                                   eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def make_model(vocab_size: int, seed: int = 0):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=8, sliding_window=512,
+                           max_position_embeddings=512, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2)
+    return Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): 2 layers, hidden size 32, random weights."""
+    tok = make_tokenizer()
+    tok.padding_side = "right"
+    return make_model(len(tok)), tok
+
+
+@pytest.fixture()
+def data_dir(tmp_path, monkeypatch):
+    """Point the helpers' data folder at a fresh temporary directory."""
+    monkeypatch.setenv("MEMDEC_DATA_DIR", str(tmp_path))
+    return tmp_path

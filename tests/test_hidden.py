@@ -1,0 +1,93 @@
+"""Hidden-state extraction (helpers.hidden), taught in notebook 01."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.hidden import extract_keys, plan_windows, tokenize
+
+TEXTS = [
+    "the data subject shall have the right to obtain from the controller the erasure",
+    "article 1 .",
+    "personal data concerning him or her shall be erased without undue delay",
+    "member states",
+]
+
+
+@pytest.mark.parametrize("n,window,overlap,bos", [
+    (1, 8, 2, True), (5, 8, 2, True), (8, 8, 2, False), (9, 8, 2, True),
+    (100, 8, 0, False), (100, 16, 13, True), (257, 256, 64, True)])
+def test_windows_cover_every_target_exactly_once(n, window, overlap, bos):
+    seen = []
+    for start, end, first in plan_windows(n, window, overlap, bos):
+        assert end - start + (1 if bos and start > 0 else 0) <= window
+        assert first - start >= (overlap if start > 0 else 1) or start == 0
+        seen += range(first, end)
+    assert seen == list(range(1, n))
+
+
+def test_windows_reject_overlap_that_leaves_no_room():
+    with pytest.raises(ValueError, match="overlap"):
+        plan_windows(50, 8, 7, True)
+
+
+def test_keys_equal_the_final_hidden_state_of_an_unbatched_forward(tiny):
+    model, tok = tiny
+    ex = extract_keys(model, tok, TEXTS, window=64, overlap=8, batch_size=3)
+    for d, ids in enumerate(tokenize(tok, TEXTS)):
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+        expect = out.hidden_states[-1][0, :-1].numpy()
+        np.testing.assert_allclose(ex.keys[ex.doc == d], expect, atol=1e-5)
+
+
+def test_values_are_the_next_tokens(tiny):
+    model, tok = tiny
+    ex = extract_keys(model, tok, TEXTS, window=64, overlap=8)
+    for d, ids in enumerate(tokenize(tok, TEXTS)):
+        assert ex.values[ex.doc == d].tolist() == ids[1:]
+        assert ex.pos[ex.doc == d].tolist() == list(range(len(ids) - 1))
+
+
+def test_length_sorting_and_batch_size_do_not_change_keys(tiny):
+    model, tok = tiny
+    a = extract_keys(model, tok, TEXTS, window=64, overlap=8, batch_size=1,
+                     sort_by_length=False)
+    b = extract_keys(model, tok, TEXTS, window=64, overlap=8, batch_size=4)
+    np.testing.assert_allclose(a.keys, b.keys, atol=1e-5)
+
+
+def test_windowed_key_sees_bos_plus_overlap_context(tiny):
+    model, tok = tiny
+    text = TEXTS[0]
+    ids = tokenize(tok, [text])[0]
+    ex = extract_keys(model, tok, [text], window=8, overlap=3)
+    # the key for target t=10 comes from the window whose first target is 8:
+    start, end, first = [p for p in plan_windows(len(ids), 8, 3, True) if p[2] <= 10 < p[1]][0]
+    window_ids = [ids[0]] + ids[start:end]
+    h = model(torch.tensor([window_ids]), output_hidden_states=True).hidden_states[-1][0]
+    np.testing.assert_allclose(ex.keys[9], h[10 - 1 - start + 1].numpy(), atol=1e-5)
+
+
+def test_lm_head_is_never_run(tiny):
+    model, tok = tiny
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        extract_keys(model, tok, TEXTS)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_layer_zero_returns_scaled_token_embeddings(tiny):
+    model, tok = tiny
+    ex = extract_keys(model, tok, TEXTS[:1], layer=0)
+    ids = torch.tensor(tokenize(tok, TEXTS[:1])[0][:-1])
+    emb = model.model.embed_tokens(ids).numpy()  # Gemma scales by sqrt(d)
+    np.testing.assert_allclose(ex.keys, emb, atol=1e-5)
+
+
+def test_empty_text_is_refused_with_advice(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="Text #1 is empty"):
+        extract_keys(model, tok, ["article 1", "   "])

