@@ -6,6 +6,9 @@ Each module belongs to one concern and names the notebook that explains it:
 * ``helpers.model``   -- loading the base model (notebook 01)
 * ``helpers.corpus``  -- the EU-law corpus and other corpora (notebook 01)
 * ``helpers.hidden``  -- batched hidden-state extraction (notebook 01)
+* ``helpers.datastore`` -- the kNN-LM datastore on disk (notebook 02)
+* ``helpers.index``  -- its FAISS index, saved and verified (notebook 02)
+* ``helpers.knn``    -- search, p_kNN, interpolation, perplexity (notebook 02)
 
 Importing this package has no side effects: nothing is downloaded or loaded
 until you call a function.

@@ -70,6 +70,7 @@ def body(model):
 
 def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids per text, with the tokenizer's BOS token if it uses one."""
+    texts = list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"Text #{i} is empty. Drop empty records before "
@@ -140,3 +141,31 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
     doc = np.concatenate([np.full(len(s) - 1, d, np.int32) for d, s in enumerate(ids)])
     pos = np.concatenate([np.arange(len(s) - 1, dtype=np.int32) for s in ids])
     return Extraction(keys, values, doc, pos, ids, seconds, processed)
+
+
+@torch.inference_mode()
+def keys_by_layer(model, tokenizer, texts: list[str], max_tokens: int = 256,
+                  batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every layer's hidden states for the first ``max_tokens`` of each text.
+
+    Returns ``keys (L+1, N, D)`` -- index 0 is the embeddings, ``L`` the last
+    block, and one more entry (``-1``) the final normalised state -- plus
+    ``values (N,)`` (next token ids) and ``doc (N,)``.  Used in notebook 01 to
+    ask which layer makes the best datastore key.
+    """
+    device = next(model.parameters()).device
+    ids = [x[:max_tokens] for x in tokenize(tokenizer, texts)]
+    per_layer, values, docs = [], [], []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
+        out = body(model)(input_ids=batch["input_ids"].to(device),
+                          attention_mask=batch["attention_mask"].to(device),
+                          output_hidden_states=True, use_cache=False)
+        states = torch.stack(list(out.hidden_states) + [out.last_hidden_state])
+        for r, row in enumerate(chunk):
+            per_layer.append(states[:, r, :len(row) - 1].float().cpu().numpy())
+            values.append(np.asarray(row[1:], np.int64))
+            docs.append(np.full(len(row) - 1, i + r, np.int32))
+    return (np.concatenate(per_layer, axis=1), np.concatenate(values),
+            np.concatenate(docs))

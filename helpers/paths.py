@@ -72,3 +72,19 @@ def atomic_file(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def update_metrics(values: dict, path: Path | None = None) -> dict:
+    """Merge ``values`` into ``data/artifacts/metrics.json`` (atomically).
+
+    Notebooks 02-04 each add their figures; the README and later notebooks
+    read them back.  Returns the merged dictionary.
+    """
+    import json
+
+    path = Path(path) if path else artifacts_dir() / "metrics.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(values)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True))
+    return merged

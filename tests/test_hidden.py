@@ -91,3 +91,14 @@ def test_empty_text_is_refused_with_advice(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="Text #1 is empty"):
         extract_keys(model, tok, ["article 1", "   "])
+
+
+def test_keys_by_layer_stacks_embeddings_blocks_and_final_norm(tiny):
+    from helpers.hidden import keys_by_layer
+    model, tok = tiny
+    keys, values, doc = keys_by_layer(model, tok, TEXTS, max_tokens=6, batch_size=3)
+    assert keys.shape[0] == model.config.num_hidden_layers + 2
+    ex = extract_keys(model, tok, [t for t in TEXTS], window=64, overlap=8)
+    first6 = ex.pos < 5  # positions 0..4 predict tokens 1..5 of the first 6
+    np.testing.assert_allclose(keys[-1], ex.keys[first6], atol=1e-5)
+    assert values.tolist() == ex.values[first6].tolist()

@@ -1,0 +1,184 @@
+"""A FAISS index over a datastore's keys, saved next to it and verified on load.
+
+Explained in ``notebooks/02_datastore_knn_lm.ipynb``.
+
+``Flat`` searches exactly (fine up to a few million keys on a GPU); ``IVFn,PQm``
+clusters the keys into ``n`` cells, compresses each to ``m`` bytes and visits
+only ``nprobe`` cells per query.  ``index.faiss`` lives in the store folder with
+an ``index.json`` holding its sha256, so a truncated file is caught on load.
+faiss is imported inside the functions: importing helpers stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .datastore import Datastore
+from .paths import atomic_file
+
+
+class IndexCorrupt(RuntimeError):
+    """``index.faiss`` is unreadable or does not belong to its datastore."""
+
+
+_GPU_RESOURCES = None  # one StandardGpuResources, created on first GPU use
+
+
+def _to_gpu(index, use_gpu):
+    """Move ``index`` to GPU 0 when faiss sees a GPU (``use_gpu="auto"``)."""
+    import faiss
+    has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if use_gpu is True and not has_gpu:
+        raise RuntimeError("use_gpu=True but this faiss has no GPU; install faiss-gpu "
+                           "or pass use_gpu='auto'.")
+    if use_gpu is False or not has_gpu:
+        return index
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    try:
+        return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
+    except RuntimeError as err:  # e.g. HNSW, or a PQ size the GPU code lacks
+        if use_gpu is True:
+            raise
+        warnings.warn(f"faiss cannot put {type(index).__name__} on the GPU ({err}); "
+                      "searching on the CPU instead.", stacklevel=3)
+        return index
+
+
+def _on_gpu(index) -> bool:
+    return type(index).__name__.startswith("Gpu")
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    """How many IVF cells a search visits (more: slower, more exact)."""
+    import faiss
+    if _on_gpu(index):
+        if "IVF" in type(index).__name__:
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    elif (ivf := faiss.try_extract_index_ivf(index)) is not None:
+        ivf.nprobe = nprobe
+
+
+def _skip_polysemous_training(index) -> None:
+    """Switch off PQ's polysemous step: ~10x slower, only Hamming search uses it."""
+    import faiss
+    for part in (index, faiss.try_extract_index_ivf(index)):
+        if part is not None:
+            part = faiss.downcast_index(part)
+            if hasattr(part, "do_polysemous_training"):
+                part.do_polysemous_training = False
+
+
+def build_index(store: Datastore, factory: str = "Flat", nprobe: int = 16,
+                use_gpu="auto", train_size: int = 100_000, seed: int = 0,
+                batch_size: int = 65_536):
+    """A FAISS L2 index over ``store.keys`` (trained on a seeded sample if needed)."""
+    import faiss
+    index = faiss.index_factory(store.dim, factory, faiss.METRIC_L2)
+    _skip_polysemous_training(index)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(len(store), min(train_size, len(store)), replace=False))
+        try:
+            index.train(np.ascontiguousarray(store.keys[rows], dtype=np.float32))
+        except RuntimeError as err:
+            raise ValueError(f"could not train {factory!r} on {len(rows)} keys ({err}). "
+                             "Use fewer IVF cells / PQ bits, or factory='Flat' for a "
+                             "small store.") from None
+    index = _to_gpu(index, use_gpu)
+    for i in range(0, len(store), batch_size):
+        index.add(np.ascontiguousarray(store.keys[i:i + batch_size], dtype=np.float32))
+    set_nprobe(index, nprobe)
+    return index
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_index(index) -> str:
+    """Structure of an index, e.g. ``"IndexIVFPQ nlist=4 pq=4x8"``."""
+    import faiss
+    parts = [type(index).__name__]
+    if (ivf := faiss.try_extract_index_ivf(index)) is not None:
+        parts.append(f"nlist={ivf.nlist}")
+        if (pq := getattr(faiss.downcast_index(ivf), "pq", None)) is not None:
+            parts.append(f"pq={pq.M}x{pq.nbits}")
+    return " ".join(parts)
+
+
+def _structure_on_disk(dim: int, factory: str) -> str:
+    """What ``describe_index`` says after saving and loading an empty ``factory`` index."""
+    import faiss
+    empty = faiss.index_factory(dim, factory, faiss.METRIC_L2)
+    return describe_index(faiss.deserialize_index(faiss.serialize_index(empty)))
+
+
+def save_index(index, store: Datastore, factory: str | None = None) -> Path:
+    """Write ``index.faiss`` (+ ``index.json`` with its sha256) into the store."""
+    import faiss
+    cpu = faiss.index_gpu_to_cpu(index) if _on_gpu(index) else index
+    target = store.path / "index.faiss"
+    with atomic_file(target) as tmp:
+        faiss.write_index(cpu, str(tmp))
+        sha = _sha256(tmp)
+    meta = {"factory": factory, "ntotal": int(cpu.ntotal), "dim": int(cpu.d),
+            "sha256": sha, "store_count": len(store)}
+    with atomic_file(store.path / "index.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
+    return target
+
+
+def load_index(store: Datastore, factory: str | None = None, nprobe: int = 16,
+               use_gpu="auto"):
+    """Read and verify the store's saved index; the store itself is never touched.
+
+    With ``factory`` given, an index of another structure is refused.
+    """
+    import faiss
+    file, meta_file = store.path / "index.faiss", store.path / "index.json"
+    if not (file.is_file() and meta_file.is_file()):
+        raise FileNotFoundError(f"no saved index in {store.path}; call build_index(store) "
+                                "then save_index(index, store).")
+    meta = json.loads(meta_file.read_text())
+    advice = f"Delete {file} and call build_index(store) + save_index again."
+    if _sha256(file) != meta["sha256"]:
+        raise IndexCorrupt(f"{file} is corrupt or truncated (sha256 differs). {advice}")
+    try:
+        index = faiss.read_index(str(file))
+    except RuntimeError as err:
+        raise IndexCorrupt(f"{file} cannot be read ({err}). {advice}") from None
+    if index.ntotal != len(store) or index.d != store.dim:
+        raise IndexCorrupt(f"{file} holds {index.ntotal} keys of dim {index.d} but the "
+                           f"store has {len(store)} of dim {store.dim}. {advice}")
+    if factory and describe_index(index) != _structure_on_disk(store.dim, factory):
+        raise ValueError(f"the saved index is {describe_index(index)} (factory "
+                         f"{meta['factory']!r}), not {factory!r}; pass that factory, or "
+                         "build_index + save_index to replace it.")
+    index = _to_gpu(index, use_gpu)
+    set_nprobe(index, nprobe)
+    return index
+
+
+def load_or_build_index(store: Datastore, factory: str = "Flat", nprobe: int = 16,
+                        use_gpu="auto"):
+    """Load the saved index if it is valid and of ``factory``; else build and save."""
+    try:
+        return load_index(store, factory, nprobe, use_gpu)
+    except IndexCorrupt as err:
+        warnings.warn(f"{err} Rebuilding it now.", stacklevel=2)
+    except (FileNotFoundError, ValueError):
+        pass  # none saved yet, or one of another factory: replace it
+    index = build_index(store, factory, nprobe, use_gpu)
+    save_index(index, store, factory)
+    return index

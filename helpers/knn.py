@@ -1,0 +1,161 @@
+"""kNN-LM: search the datastore, turn neighbours into a next-token distribution.
+
+Explained in ``notebooks/02_datastore_knn_lm.ipynb``.
+
+For a query hidden state ``q`` with neighbours ``(k_i, v_i)`` at squared L2
+distance ``d_i``::
+
+    p_kNN(y) = sum_{i: v_i = y} exp(-d_i / T) / sum_i exp(-d_i / T)
+    p(y)     = (1 - lam) * p_base(y) + lam * p_kNN(y)
+
+The notebook writes these formulas out; the functions here are the batched,
+numerically careful versions that the evaluation and later notebooks reuse.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .hidden import Extraction, extract_keys
+
+PROB_FLOOR = 1e-12  # perplexity clips probabilities here so log(0) stays finite
+
+
+def search(index, queries: np.ndarray, k: int,
+           exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest stored keys: squared L2 ``distances (Q, k)``, ``ids (Q, k)``.
+
+    ``exclude (Q,)`` gives each query's own row in the store (when the queries
+    are stored keys, e.g. training targets): it is dropped from the results.
+    Approximate (IVF) indexes may return id ``-1`` when a query finds fewer
+    than ``k`` keys in the cells it visits.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise ValueError(f"queries must have shape (Q, {index.d}); got {queries.shape}.")
+    if not np.isfinite(queries).all():
+        bad = np.flatnonzero(~np.isfinite(queries).all(axis=1))
+        raise ValueError(f"queries {bad[:5].tolist()} contain NaN/inf; check the model "
+                         "output before searching.")
+    extra = 0 if exclude is None else 1
+    if extra:
+        exclude = np.asarray(exclude, dtype=np.int64)  # (Q,)
+        if exclude.shape != (len(queries),):
+            raise ValueError(f"exclude must have shape ({len(queries)},): one store row "
+                             f"per query; got {exclude.shape}.")
+    if not 1 <= k <= index.ntotal - extra:
+        raise ValueError(f"k={k} but the store holds {index.ntotal} keys; use 1 <= k <= "
+                         f"{index.ntotal - extra}" + (" (one is the query's own row)."
+                                                      if extra else "."))
+    distances, ids = index.search(queries, k + extra)  # (Q, k+extra) each
+    if exclude is None:
+        return distances, ids
+    drop = ids == exclude[:, None]          # (Q, k+1): at most one True per row
+    drop[~drop.any(axis=1), -1] = True      # own row not found: drop the farthest
+    keep = ~drop
+    return (distances[keep].reshape(len(ids), k),
+            ids[keep].reshape(len(ids), k))
+
+
+def lookup_values(store, ids: np.ndarray) -> np.ndarray:
+    """The stored next token of each neighbour ``(Q, k)``; ``-1`` where id is ``-1``."""
+    ids = np.asarray(ids)
+    return np.where(ids >= 0, np.asarray(store.values)[np.maximum(ids, 0)], -1)
+
+
+def neighbour_weights(distances: np.ndarray, neighbour_values: np.ndarray,
+                      temperature: float) -> np.ndarray:
+    """``softmax(-d / T)`` over each row's neighbours ``(Q, k)`` float64.
+
+    The row maximum is subtracted before ``exp`` so nothing overflows, and
+    missing neighbours (value ``-1``) get weight 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}.")
+    valid = (np.asarray(neighbour_values) >= 0) & np.isfinite(distances)
+    logits = np.where(valid, -np.asarray(distances, np.float64) / temperature, -np.inf)
+    top = logits.max(axis=1, keepdims=True)                # (Q, 1)
+    top[~np.isfinite(top)] = 0.0                           # rows with no neighbour
+    weights = np.exp(logits - top)                         # (Q, k), max entry is 1
+    total = weights.sum(axis=1, keepdims=True)
+    return weights / np.where(total > 0, total, 1.0)
+
+
+def knn_distribution(distances: np.ndarray, neighbour_values: np.ndarray,
+                     temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse ``p_kNN``: ``ids (Q, k)`` int64 and ``probs (Q, k)`` float32.
+
+    Neighbours with the same token are merged, so each token appears once per
+    row, most probable first; unused slots hold id ``-1`` and probability 0.
+    """
+    values = np.asarray(neighbour_values, np.int64)         # (Q, k)
+    weights = neighbour_weights(distances, values, temperature)
+    q, k = values.shape
+    order = np.argsort(values, axis=1, kind="stable")
+    values = np.take_along_axis(values, order, axis=1)      # equal tokens adjacent
+    weights = np.take_along_axis(weights, order, axis=1)
+    new = np.ones((q, k), bool)
+    new[:, 1:] = values[:, 1:] != values[:, :-1]
+    slot = np.cumsum(new, axis=1) - 1                       # (Q, k) merged slot
+    rows = np.repeat(np.arange(q), k)
+    ids = np.full((q, k), -1, np.int64)
+    probs = np.zeros((q, k), np.float64)
+    ids[rows, slot.ravel()] = values.ravel()
+    np.add.at(probs, (rows, slot.ravel()), weights.ravel())
+    ids[probs <= 0] = -1              # unused slots and missing neighbours (value -1)
+    rank = np.argsort(-probs - (ids >= 0), axis=1, kind="stable")  # tokens by prob, then pad
+    return (np.take_along_axis(ids, rank, axis=1),
+            np.take_along_axis(probs, rank, axis=1).astype(np.float32))
+
+
+def knn_prob_of(targets: np.ndarray, distances: np.ndarray,
+                neighbour_values: np.ndarray, temperature: float) -> np.ndarray:
+    """``p_kNN(target)`` per query ``(Q,)`` float32; 0 when no neighbour has it."""
+    values = np.asarray(neighbour_values, np.int64)          # (Q, k)
+    weights = neighbour_weights(distances, values, temperature)
+    hit = values == np.asarray(targets, np.int64)[:, None]   # (Q, k)
+    return (weights * hit).sum(axis=1).astype(np.float32)
+
+
+def interpolate(p_base_target, p_knn_target, lam: float):
+    """``(1 - lam) * p_base + lam * p_kNN``: the kNN-LM mixture."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be between 0 and 1; got {lam}.")
+    return (1.0 - lam) * p_base_target + lam * p_knn_target
+
+
+def perplexity(probs_of_targets) -> float:
+    """``exp(-mean log p)`` over target tokens.
+
+    Probabilities are clipped at ``PROB_FLOOR`` (1e-12): a target that gets
+    exactly 0 (pure kNN, ``lam=1``, token not among the neighbours) would make
+    the perplexity infinite; clipped, it costs ~27.6 nats instead.
+    """
+    p = np.clip(np.asarray(probs_of_targets, np.float64), PROB_FLOOR, 1.0)
+    return float(np.exp(-np.log(p).mean()))
+
+
+@torch.inference_mode()
+def base_target_probs(model, tokenizer, texts: list[str], window: int = 256,
+                      overlap: int = 64, batch_size: int = 8,
+                      head_chunk: int = 256) -> tuple[Extraction, np.ndarray]:
+    """Keys and the base model's ``p(true next token)`` ``(N,)`` from one pass.
+
+    Rows are in ``extract_keys`` order.  The LM head runs on ``head_chunk``
+    keys at a time, so the ``(chunk, vocab)`` logits stay small.
+    """
+    ex = extract_keys(model, tokenizer, texts, layer=-1, window=window,
+                      overlap=overlap, batch_size=batch_size)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    out = np.empty(len(ex.values), np.float32)
+    for i in range(0, len(out), head_chunk):
+        h = torch.from_numpy(ex.keys[i:i + head_chunk])      # (C, D)
+        logits = head(h.to(head.weight.device, head.weight.dtype)).float()  # (C, V)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap          # Gemma's soft cap
+        target = torch.from_numpy(ex.values[i:i + head_chunk]).to(logits.device)
+        logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+        out[i:i + head_chunk] = logp.exp().cpu().numpy()
+    return ex, out

@@ -1,0 +1,48 @@
+"""The exercise checks must accept a right answer and reject wrong ones."""
+
+import pytest
+
+from helpers.checks import _reference_next_token_pairs, check_next_token_pairs
+
+
+def test_next_token_pairs_check_accepts_the_reference(capsys):
+    check_next_token_pairs(_reference_next_token_pairs)
+    assert capsys.readouterr().out.strip() == "passed"
+
+
+def test_next_token_pairs_check_rejects_keys_that_include_padding():
+    def with_padding(hidden, input_ids, mask):
+        return hidden[:, :-1].reshape(-1, hidden.shape[-1]), input_ids[:, 1:].reshape(-1)
+    with pytest.raises(AssertionError, match="one per real token"):
+        check_next_token_pairs(with_padding)
+
+
+def test_next_token_pairs_check_rejects_values_off_by_one():
+    def same_position(hidden, input_ids, mask):
+        keep = (mask[:, :-1] * mask[:, 1:]).bool()
+        return hidden[:, :-1][keep], input_ids[:, :-1][keep]
+    with pytest.raises(AssertionError, match="next"):
+        check_next_token_pairs(same_position)
+
+
+def test_knn_prob_check_accepts_a_stable_softmax(capsys):
+    import numpy as np
+
+    from helpers.checks import check_knn_prob
+
+    def knn_prob(distances, values, target, temperature):
+        w = np.exp(-(distances - distances.min()) / temperature)
+        return w[values == target].sum() / w.sum()
+    check_knn_prob(knn_prob)
+    assert capsys.readouterr().out.strip() == "passed"
+
+
+def test_knn_prob_check_rejects_counting_neighbours_without_weights():
+    import numpy as np
+
+    from helpers.checks import check_knn_prob
+
+    def unweighted(distances, values, target, temperature):
+        return (values == target).mean()
+    with pytest.raises(AssertionError, match="got"):
+        check_knn_prob(unweighted)

@@ -1,0 +1,134 @@
+"""kNN-LM distributions, interpolation and perplexity (helpers.knn), notebook 02."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.hidden import extract_keys, tokenize
+from helpers.knn import (base_target_probs, interpolate, knn_distribution, knn_prob_of,
+                         lookup_values, perplexity)
+
+
+def dense(ids, probs, vocab):
+    """Scatter a sparse (ids, probs) distribution into (Q, vocab)."""
+    out = np.zeros((len(ids), vocab))
+    for q in range(len(ids)):
+        for i, p in zip(ids[q], probs[q]):
+            if i >= 0:
+                out[q, i] += p
+    return out
+
+
+def test_knn_distribution_merges_neighbours_with_the_same_token():
+    ids, probs = knn_distribution(np.zeros((1, 3)), np.array([[5, 7, 5]]), 1.0)
+    assert ids.tolist() == [[5, 7, -1]]
+    np.testing.assert_allclose(probs, [[2 / 3, 1 / 3, 0]], rtol=1e-6)
+    assert ids.dtype == np.int64 and probs.dtype == np.float32
+
+
+def test_knn_distribution_matches_a_brute_force_sum_over_neighbours():
+    rng = np.random.default_rng(0)
+    distances = rng.uniform(0, 5, (40, 8))
+    values = rng.integers(0, 6, (40, 8))
+    ids, probs = knn_distribution(distances, values, temperature=2.0)
+    expect = np.zeros((40, 6))
+    for q in range(40):
+        for d, v in zip(distances[q], values[q]):
+            expect[q, v] += np.exp(-d / 2.0)
+    expect /= expect.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(dense(ids, probs, 6), expect, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
+    for row in ids:  # each token at most once, padding only at the end
+        real = row[row >= 0]
+        assert len(set(real.tolist())) == len(real) and (row[len(real):] == -1).all()
+
+
+def test_knn_distribution_lists_the_most_probable_token_first():
+    ids, probs = knn_distribution(np.array([[3.0, 0.0, 1.0]]), np.array([[4, 9, 2]]), 1.0)
+    assert ids.tolist() == [[9, 2, 4]] and (np.diff(probs[0]) <= 0).all()
+
+
+def test_huge_distances_do_not_underflow_to_nan():
+    ids, probs = knn_distribution(np.array([[1e6, 1e6 + 1]]), np.array([[3, 4]]), 1.0)
+    np.testing.assert_allclose(probs.sum(), 1, atol=1e-6)
+    assert ids[0, 0] == 3 and np.isfinite(probs).all()
+
+
+def test_high_temperature_spreads_probability_evenly_over_neighbours():
+    values = np.array([[1, 2, 2, 3]])
+    _, probs = knn_distribution(np.array([[0.0, 1.0, 4.0, 9.0]]), values, 1e9)
+    np.testing.assert_allclose(probs, [[0.5, 0.25, 0.25, 0]], atol=1e-6)
+
+
+def test_missing_neighbours_get_no_probability():
+    ids, probs = knn_distribution(np.array([[0.0, 1.0, 3.4e38]]), np.array([[7, 8, -1]]), 1.0)
+    assert ids[0, 2] == -1 and probs[0, 2] == 0
+    np.testing.assert_allclose(probs.sum(), 1, atol=1e-6)
+
+
+def test_lookup_values_keeps_minus_one_for_missing_neighbours():
+    class Store:
+        values = np.array([10, 11, 12])
+    assert lookup_values(Store, np.array([[2, -1, 0]])).tolist() == [[12, -1, 10]]
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        knn_distribution(np.zeros((1, 2)), np.zeros((1, 2), int), 0.0)
+
+
+def test_knn_prob_of_reads_the_target_from_the_distribution_or_zero():
+    rng = np.random.default_rng(1)
+    distances, values = rng.uniform(0, 3, (30, 6)), rng.integers(0, 5, (30, 6))
+    targets = rng.integers(0, 8, 30)  # tokens 5..7 are never neighbours
+    ids, probs = knn_distribution(distances, values, 0.7)
+    expect = dense(ids, probs, 8)[np.arange(30), targets]
+    got = knn_prob_of(targets, distances, values, 0.7)
+    assert got.dtype == np.float32 and got.shape == (30,)
+    np.testing.assert_allclose(got, expect, atol=1e-6)
+    assert (got[targets >= 5] == 0).all()
+
+
+def test_interpolate_mixes_base_and_knn_by_lambda():
+    base, knn = np.array([0.2, 0.6]), np.array([1.0, 0.0])
+    np.testing.assert_allclose(interpolate(base, knn, 0.0), base)
+    np.testing.assert_allclose(interpolate(base, knn, 1.0), knn)
+    np.testing.assert_allclose(interpolate(base, knn, 0.25), [0.4, 0.45])
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        interpolate(base, knn, 1.5)
+
+
+def test_perplexity_of_a_uniform_guess_is_the_vocabulary_size():
+    assert perplexity(np.full(10, 1 / 50)) == pytest.approx(50)
+
+
+def test_perplexity_clips_zero_probabilities_instead_of_going_infinite():
+    assert perplexity(np.array([0.0])) == pytest.approx(1e12)
+
+
+TEXTS = ["the data subject shall have the right to obtain from the controller",
+         "article 1 .", "member states shall"]
+
+
+def test_base_target_probs_equal_the_models_own_softmax(tiny):
+    model, tok = tiny
+    ex, p = base_target_probs(model, tok, TEXTS, head_chunk=5)
+    reference = extract_keys(model, tok, TEXTS)
+    np.testing.assert_allclose(ex.keys, reference.keys, atol=1e-6)
+    assert p.shape == ex.values.shape and p.dtype == np.float32
+    for d, ids in enumerate(tokenize(tok, TEXTS)):
+        probs = model(torch.tensor([ids])).logits[0, :-1].softmax(-1)
+        expect = probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+        np.testing.assert_allclose(p[ex.doc == d], expect, rtol=1e-4, atol=1e-7)
+
+
+def test_base_target_probs_apply_gemmas_final_logit_softcap(tiny, monkeypatch):
+    model, tok = tiny
+    plain = base_target_probs(model, tok, TEXTS[:1])[1]
+    monkeypatch.setattr(model.config, "final_logit_softcapping", 0.5)
+    ex, p = base_target_probs(model, tok, TEXTS[:1])
+    ids = tokenize(tok, TEXTS[:1])[0]
+    probs = model(torch.tensor([ids])).logits[0, :-1].softmax(-1)
+    expect = probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+    np.testing.assert_allclose(p, expect, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(p, plain, rtol=1e-3)  # the cap really changed them
