@@ -57,3 +57,31 @@ def check_knn_prob(fn) -> None:
                 "Sum exp(-d/T) over neighbours whose value is the target, divided by the "
                 "sum over all neighbours (subtract the smallest distance first).")
     print("passed")
+
+
+def _reference_sparse_kl(logq, cols, probs):
+    """Notebook 03: KL(p || q) with p sparse: sum p (log p - log q), batch mean."""
+    used = probs > 0
+    logq_t = logq.gather(1, cols.clamp(min=0))
+    logp = torch.log(torch.where(used, probs, torch.ones_like(probs)))
+    return torch.where(used, probs * (logp - logq_t), 0.0).sum(1).mean()
+
+
+def check_sparse_kl(fn) -> None:
+    """Exercise of notebook 03: ``fn(logq (B, V), cols (B, k), probs (B, k))``."""
+    gen = torch.Generator().manual_seed(3)
+    B, V, k = 5, 11, 4
+    logq = torch.log_softmax(torch.randn(B, V, generator=gen), dim=-1)
+    cols = torch.stack([torch.randperm(V, generator=gen)[:k] for _ in range(B)])
+    probs = torch.rand(B, k, generator=gen)
+    probs[:, -1] = 0.0
+    cols[:, -1] = -1  # an unused slot, as in the precomputed targets
+    probs = probs / probs.sum(1, keepdim=True)
+    got, want = fn(logq, cols, probs), _reference_sparse_kl(logq, cols, probs)
+    assert torch.is_tensor(got) and got.ndim == 0, "return one number: the batch mean"
+    assert torch.isfinite(got), ("got NaN/inf: skip unused slots (probability 0, "
+                                 "column -1) instead of taking log(0)")
+    assert torch.allclose(got, want, atol=1e-5), (
+        f"got {got.item():.5f}, expected {want.item():.5f}: sum p*(log p - log q) over "
+        "the used slots of each row, then average over the batch")
+    print("passed")

@@ -46,3 +46,20 @@ def test_knn_prob_check_rejects_counting_neighbours_without_weights():
         return (values == target).mean()
     with pytest.raises(AssertionError, match="got"):
         check_knn_prob(unweighted)
+
+
+def test_sparse_kl_check_accepts_the_reference(capsys):
+    from helpers.checks import _reference_sparse_kl, check_sparse_kl
+    check_sparse_kl(_reference_sparse_kl)
+    assert capsys.readouterr().out.strip() == "passed"
+
+
+def test_sparse_kl_check_rejects_cross_entropy_without_the_entropy_term():
+    import torch
+
+    from helpers.checks import check_sparse_kl
+
+    def cross_entropy(logq, cols, probs):
+        return -(probs * logq.gather(1, cols.clamp(min=0))).sum(1).mean()
+    with pytest.raises(AssertionError, match="expected"):
+        check_sparse_kl(cross_entropy)

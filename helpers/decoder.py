@@ -1,0 +1,278 @@
+"""The Memory Decoder: a small transformer that learns to imitate kNN retrieval.
+
+Explained in ``notebooks/03_train_memory_decoder.ipynb``.
+
+Reference: Cao et al. (2025), "Memory Decoder: A Pretrained, Plug-and-Play
+Memory for Large Language Models".  Instead of searching the datastore at
+inference time, a small network reads the base model's hidden state(s) and
+predicts ``p_kNN`` directly; it is then mixed with the base model like kNN-LM.
+
+Here the decoder reads a window of ``W`` consecutive base hidden states (the
+datastore keys) and predicts the next token after the last one::
+
+    x (B, W, key_dim) -> Linear -> + position -> TransformerEncoder (causal)
+      -> LayerNorm -> last position -> head -> logits (B, V_head)
+
+``W = 1`` reproduces the original design: attention over one position only
+ever looks at itself.  Three heads:
+
+* ``"store"``: ``Linear(dim, len(vocab_ids))`` over the datastore's own distinct
+  next tokens -- ``p_kNN`` is zero for every other token anyway.
+* ``"tied"``: project ``dim -> key_dim`` and multiply by the base model's
+  frozen output embedding (full vocabulary).  That embedding is *not* part of
+  the checkpoint (it belongs to the base model): attach it after loading with
+  ``decoder.attach_output_embedding(model.get_output_embeddings().weight)``.
+* ``"full"``: ``Linear(dim, base_vocab_size)``.
+
+Checkpoints are ``model.safetensors`` + ``config.json`` (no pickle), the same
+layout ``PyTorchModelHubMixin.save_pretrained`` writes, so both
+``load_decoder(folder)`` and ``MemoryDecoder.from_pretrained(folder)`` work.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from .model import tokenizer_fingerprint
+from .paths import atomic_dir
+
+HEADS = ("store", "tied", "full")
+NOTEBOOK = "notebooks/03_train_memory_decoder.ipynb"
+
+
+class DecoderMismatch(ValueError):
+    """The checkpoint was trained for another base model, tokenizer or datastore."""
+
+
+@dataclass
+class DecoderConfig:
+    key_dim: int                # hidden size of the base model = datastore key dim
+    base_vocab_size: int        # rows of the base model's output embedding
+    dim: int = 256              # DECODER_DIM: width of the decoder's residual stream
+    n_layers: int = 6           # transformer encoder layers
+    n_heads: int = 32           # attention heads; must divide dim
+    window: int = 1             # W: consecutive base hidden states read (1 = original)
+    dropout: float = 0.1        # dropout inside each layer while training
+    head: str = "store"         # "store", "tied" or "full" (see module docstring)
+    vocab_ids: list[int] = field(default_factory=list)  # head="store": its tokens
+    base_model_name: str | None = None        # recorded to refuse a wrong base model
+    layer: int | None = None                  # which hidden layer the keys come from
+    tokenizer_fingerprint: str | None = None  # helpers.model.tokenizer_fingerprint
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}; got {self.head!r}.")
+        if self.dim % self.n_heads:
+            fits = [h for h in (1, 2, 4, 8, 16, 32) if self.dim % h == 0]
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                             f"change dim or pick n_heads from {fits}.")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 (1 reads only the current hidden "
+                             f"state); got {self.window}.")
+        if self.n_layers < 1 or self.key_dim < 1 or self.base_vocab_size < 1:
+            raise ValueError("n_layers, key_dim and base_vocab_size must be >= 1; got "
+                             f"{self.n_layers}, {self.key_dim}, {self.base_vocab_size}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
+        self.vocab_ids = sorted({int(i) for i in self.vocab_ids})  # JSON-able, fixed order
+        if self.head == "store":
+            if not self.vocab_ids:
+                raise ValueError("head='store' needs vocab_ids, the datastore's distinct "
+                                 "next tokens: use DecoderConfig.from_store(store, ...).")
+            if self.vocab_ids[0] < 0 or self.vocab_ids[-1] >= self.base_vocab_size:
+                raise ValueError(f"vocab_ids must lie in [0, {self.base_vocab_size}); got "
+                                 f"{self.vocab_ids[0]}..{self.vocab_ids[-1]}. Check "
+                                 "base_vocab_size (the base model's vocabulary size).")
+
+    @classmethod
+    def from_store(cls, store, base_vocab_size: int, **knobs) -> "DecoderConfig":
+        """A config that fits ``store`` (key dim, next-token ids, model, layer)."""
+        m = store.manifest
+        return cls(key_dim=store.dim, base_vocab_size=base_vocab_size,
+                   vocab_ids=np.unique(np.asarray(store.values)).tolist(),
+                   base_model_name=m.get("model_name"), layer=m.get("layer"),
+                   tokenizer_fingerprint=m.get("tokenizer_fingerprint"), **knobs)
+
+
+class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
+    """``forward(x (B, W, key_dim), pad_mask (B, W)) -> logits (B, V_head)``."""
+
+    def __init__(self, config: DecoderConfig | dict):
+        super().__init__()
+        if isinstance(config, dict):  # from_pretrained passes config.json as a dict
+            config = DecoderConfig(**config)
+        self.config = c = config
+        self._hub_mixin_config = asdict(c)  # what save_pretrained writes
+        self.inp = nn.Linear(c.key_dim, c.dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(c.window, c.dim))  # (W, dim)
+        layer = nn.TransformerEncoderLayer(c.dim, c.n_heads, 4 * c.dim, c.dropout,
+                                           activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, c.n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(c.dim)
+        if c.head == "store":
+            self.head = nn.Linear(c.dim, len(c.vocab_ids))
+            column = torch.full((c.base_vocab_size,), -1, dtype=torch.long)
+            column[c.vocab_ids] = torch.arange(len(c.vocab_ids))
+        else:
+            self.head = (nn.Linear(c.dim, c.key_dim) if c.head == "tied"
+                         else nn.Linear(c.dim, c.base_vocab_size))
+            column = torch.arange(c.base_vocab_size)
+        # base token id -> head column; rebuilt from the config, never saved
+        self.register_buffer("column", column, persistent=False)
+        self.register_buffer("vocab", torch.tensor(c.vocab_ids, dtype=torch.long),
+                             persistent=False)
+        # head="tied": the base model's output embedding, attached later, never saved
+        self.register_buffer("output_embedding", None, persistent=False)
+
+    def attach_output_embedding(self, weight: torch.Tensor) -> None:
+        """Give a ``head="tied"`` decoder the base model's frozen output embedding."""
+        c = self.config
+        if tuple(weight.shape) != (c.base_vocab_size, c.key_dim):
+            raise DecoderMismatch(f"output embedding has shape {tuple(weight.shape)} but the "
+                                  f"decoder expects ({c.base_vocab_size}, {c.key_dim}); "
+                                  "attach the embedding of the base model it was trained for.")
+        device = self.inp.weight.device
+        self.register_buffer("output_embedding", weight.detach().to(device),
+                             persistent=False)  # frozen, not saved in checkpoints
+
+    def count_parameters(self) -> int:
+        """Trainable parameters (the attached base-model embedding is not one)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _attention_mask(self, pad_mask: torch.Tensor | None, B: int, W: int, device):
+        """Bool ``(B * n_heads, W, W)``, True = blocked: causal + padded keys.
+
+        A padded slot may still see itself, so no row is fully blocked (that
+        would give NaN); real slots never see padded ones.
+        """
+        i = torch.arange(W, device=device)
+        blocked = (i[None, :] > i[:, None]).expand(B, W, W)  # (B, W, W) causal
+        if pad_mask is not None:
+            blocked = blocked | (pad_mask[:, None, :] & (i[:, None] != i[None, :]))
+        return blocked.repeat_interleave(self.config.n_heads, dim=0)
+
+    def hidden(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's final state at the last window position ``(B, dim)``."""
+        c = self.config
+        if x.ndim != 3 or x.shape[1:] != (c.window, c.key_dim):
+            raise ValueError(f"x must have shape (B, {c.window}, {c.key_dim}) = (batch, "
+                             f"window, key_dim); got {tuple(x.shape)}. Use "
+                             "window_batch(keys, doc, rows, decoder.config.window).")
+        x = x.to(self.inp.weight.device, self.inp.weight.dtype)
+        if pad_mask is not None:
+            pad_mask = pad_mask.to(device=x.device, dtype=torch.bool)  # (B, W)
+            x = torch.where(pad_mask[..., None], 0.0, x)  # padded slots carry nothing
+        h = self.inp(x) + self.pos                               # (B, W, dim)
+        mask = None if c.window == 1 else self._attention_mask(pad_mask, *x.shape[:2],
+                                                                x.device)
+        h = self.encoder(h, mask=mask)                           # (B, W, dim)
+        return self.norm(h[:, -1])                               # (B, dim)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.head(self.hidden(x, pad_mask))                  # (B, V_head | key_dim)
+        if self.config.head != "tied":
+            return h
+        if self.output_embedding is None:
+            raise RuntimeError("head='tied' needs the base model's output embedding, which "
+                               "checkpoints do not contain: call decoder.attach_output_"
+                               "embedding(model.get_output_embeddings().weight) first.")
+        e = self.output_embedding                                # (V, key_dim)
+        return F.linear(h.to(e.dtype), e).float()                # (B, V)
+
+    def head_index(self, token_ids) -> torch.Tensor:
+        """Head column of each base token id (same shape); -1 if the head lacks it."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.column.device)
+        inside = (ids >= 0) & (ids < self.config.base_vocab_size)
+        return torch.where(inside, self.column[ids.clamp(0, len(self.column) - 1)], -1)
+
+    def log_probs_full(self, x, pad_mask=None, floor: float = -30.0) -> torch.Tensor:
+        """``log p_dec`` over the whole base vocabulary ``(B, base_vocab_size)``.
+
+        For ``head="store"`` tokens outside the store get ``floor`` (their
+        probability is 0; ``exp(-30)`` is 1e-13 and keeps sums finite).
+        """
+        logp = torch.log_softmax(self(x, pad_mask).float(), dim=-1)  # (B, V_head)
+        if self.config.head != "store":
+            return logp
+        full = logp.new_full((len(logp), self.config.base_vocab_size), floor)
+        full[:, self.vocab] = logp
+        return full
+
+    def log_prob_of(self, x, targets, pad_mask=None, floor: float = -30.0) -> torch.Tensor:
+        """``log p_dec(target)`` per row ``(B,)``, without a ``(B, V)`` tensor."""
+        logp = torch.log_softmax(self(x, pad_mask).float(), dim=-1)  # (B, V_head)
+        col = self.head_index(targets).to(logp.device)                # (B,)
+        got = logp.gather(1, col.clamp(min=0)[:, None])[:, 0]
+        return torch.where(col >= 0, got, torch.full_like(got, floor))
+
+
+def save_decoder(decoder: MemoryDecoder, folder) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``folder`` (atomically)."""
+    from safetensors.torch import save_model
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        save_model(decoder, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(asdict(decoder.config), indent=2))
+    return folder
+
+
+def _read_config(folder: Path) -> DecoderConfig:
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no Memory Decoder checkpoint at {folder} (need config.json "
+                                f"and model.safetensors). Train one in {NOTEBOOK} "
+                                "(train_decoder(..., checkpoint_dir=folder)) or call "
+                                "save_decoder(decoder, folder).")
+    raw = json.loads((folder / "config.json").read_text())
+    known = {f.name for f in fields(DecoderConfig)}
+    if not isinstance(raw, dict) or not {"key_dim", "base_vocab_size"} <= raw.keys():
+        raise ValueError(f"{folder / 'config.json'} is not a Memory Decoder config; "
+                         "save checkpoints with save_decoder(decoder, folder).")
+    return DecoderConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
+                 store=None, vocab_size: int | None = None,
+                 output_embedding: torch.Tensor | None = None,
+                 device: str | torch.device = "cpu") -> MemoryDecoder:
+    """Load a checkpoint (in eval mode), refusing one made for another setup.
+
+    Every argument given is checked against what the checkpoint recorded:
+    ``base_model_name``, the ``tokenizer``'s fingerprint, ``vocab_size`` (the
+    base model's), and the ``store``'s key dim, model, layer and tokenizer.
+    """
+    from safetensors.torch import load_model
+    folder = Path(folder)
+    c = _read_config(folder)
+    checks = [("base_model_name", base_model_name, c.base_model_name),
+              ("base_vocab_size", vocab_size, c.base_vocab_size),
+              ("tokenizer_fingerprint", None if tokenizer is None
+               else tokenizer_fingerprint(tokenizer), c.tokenizer_fingerprint)]
+    if store is not None:
+        m = store.manifest
+        checks += [("key_dim (the store's dim)", store.dim, c.key_dim),
+                   ("layer (the store's)", m.get("layer"), c.layer),
+                   ("base_model_name (the store's)", m.get("model_name"), c.base_model_name),
+                   ("tokenizer_fingerprint (the store's)", m.get("tokenizer_fingerprint"),
+                    c.tokenizer_fingerprint)]
+    diffs = [f"{name} is {here!r} here but {recorded!r} in the checkpoint"
+             for name, here, recorded in checks
+             if here is not None and recorded is not None and here != recorded]
+    if diffs:
+        raise DecoderMismatch(
+            f"the decoder in {folder} was trained for another setup: " + "; ".join(diffs) +
+            f". Retrain it for this setup in {NOTEBOOK}, or load the matching base model "
+            f"({c.base_model_name!r}) and datastore.")
+    decoder = MemoryDecoder(c)
+    load_model(decoder, str(folder / "model.safetensors"), strict=True)
+    if output_embedding is not None:
+        decoder.attach_output_embedding(output_embedding)
+    return decoder.to(device).eval()

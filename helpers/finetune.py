@@ -1,0 +1,84 @@
+"""The "why not just fine-tune?" reference: train the base model's body.
+
+Explained in ``notebooks/03_train_memory_decoder.ipynb``.  A fresh copy of
+the base model is loaded (the caller's frozen model is untouched), its token
+embeddings -- tied to the output head in Gemma -- stay frozen, and every
+other weight trains with AdamW on the same training windows that fill the
+datastore.  On two CPU cores this is slow (tens of tokens per second), so
+``max_tokens`` caps the budget and ``benchmarks/bench_finetune.py`` records
+the figures that the notebook shows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from .hidden import plan_windows, tokenize
+
+
+def training_windows(tokenizer, texts, window: int = 256, overlap: int = 64):
+    """Token windows ``(ids, first_target)`` covering every training target once."""
+    bos = tokenizer.bos_token_id
+    out = []
+    for ids in tokenize(tokenizer, texts):
+        prepend = bos is not None and ids and ids[0] == bos
+        for s, e, first in plan_windows(len(ids), window, overlap, prepend):
+            row = ([bos] if prepend and s > 0 else []) + ids[s:e]
+            out.append((row, first - s + (1 if prepend and s > 0 else 0)))
+    return out
+
+
+def finetune_body(model, tokenizer, texts, *, epochs: int = 1, lr: float = 5e-5,
+                  window: int = 256, overlap: int = 64, batch_size: int = 4,
+                  max_tokens: int | None = None, seed: int = 0,
+                  progress: bool = True) -> dict:
+    """Fine-tune ``model`` in place (embeddings frozen); returns cost figures.
+
+    Only targets that the datastore also stores count in the loss (the
+    overlap context of a window is not scored twice).
+    """
+    torch.manual_seed(seed)
+    model.train()
+    model.requires_grad_(True)
+    model.get_input_embeddings().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    windows = training_windows(tokenizer, texts, window, overlap)
+    order = np.random.default_rng(seed).permutation(len(windows))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id or 0
+    seen, losses, tic = 0, [], time.perf_counter()
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)] * epochs
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="fine-tuning", unit="batch")
+    for batch in batches:
+        rows = [windows[i] for i in batch]
+        width = max(len(r) for r, _ in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, (row, first) in enumerate(rows):
+            ids[j, :len(row)] = torch.tensor(row)
+            mask[j, :len(row)] = 1
+            labels[j, first:len(row)] = torch.tensor(row[first:])
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                     labels=labels.to(device)).loss
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError("fine-tuning loss is NaN/inf; lower lr and retry.")
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        seen += int((labels != -100).sum())
+        if max_tokens and seen >= max_tokens:
+            break
+    seconds = time.perf_counter() - tic
+    model.eval().requires_grad_(False)
+    return {"trained_tokens": seen, "seconds": seconds, "tokens_per_second": seen / seconds,
+            "losses": losses, "trainable_params": sum(p.numel() for p in params)}

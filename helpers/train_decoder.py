@@ -1,0 +1,265 @@
+"""Training the Memory Decoder on a datastore: targets, batches, loss, loop.
+
+Explained in ``notebooks/03_train_memory_decoder.ipynb``.
+
+For every stored key the target is the kNN distribution of its neighbours
+(its own row excluded: it holds the answer).  The decoder minimises::
+
+    loss = beta * KL(p_kNN || p_dec) + (1 - beta) * CE(p_dec, next token)
+
+``precompute_knn_targets`` searches once and caches the sparse targets next
+to the store, so training epochs never touch the FAISS index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .decoder import MemoryDecoder, save_decoder
+from .knn import knn_distribution, lookup_values, search
+from .paths import atomic_dir
+
+
+@dataclass
+class KnnTargets:
+    """Sparse ``p_kNN`` for every store row: token ``ids`` and their ``probs``."""
+    ids: np.ndarray     # (N, k) int32 base token ids, -1 = unused slot
+    probs: np.ndarray   # (N, k) float16, each row sums to ~1
+    k: int
+    temperature: float
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _open_targets(folder: Path, meta: dict) -> KnnTargets:
+    return KnnTargets(np.load(folder / "ids.npy", mmap_mode="r"),
+                      np.load(folder / "probs.npy", mmap_mode="r"),
+                      meta["k"], meta["temperature"], folder)
+
+
+def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.0,
+                           batch_size: int = 4096, progress: bool = False) -> KnnTargets:
+    """``p_kNN`` of every stored key from its ``k`` neighbours (itself excluded).
+
+    Saved in ``<store>/targets_k{k}_t{T}/`` and reused while it matches the store.
+    """
+    folder = store.path / f"targets_k{k}_t{temperature:g}"
+    m = store.manifest
+    meta = {"k": k, "temperature": float(temperature), "count": len(store),
+            "corpus_fingerprint": m.get("corpus_fingerprint"),
+            "model_name": m.get("model_name"), "layer": m.get("layer")}
+    if (folder / "targets.json").is_file():
+        if json.loads((folder / "targets.json").read_text()) == meta:
+            return _open_targets(folder, meta)
+    if index.ntotal != len(store):
+        raise ValueError(f"the index holds {index.ntotal} keys but the store {len(store)}; "
+                         "rebuild it with load_or_build_index(store).")
+    starts = range(0, len(store), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="kNN targets", unit="batch")
+    with atomic_dir(folder) as tmp:  # an interrupted run leaves no half-written cache
+        ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (len(store), k))
+        probs = np.lib.format.open_memmap(tmp / "probs.npy", "w+", np.float16,
+                                          (len(store), k))
+        for i in starts:
+            j = min(i + batch_size, len(store))
+            distances, neighbours = search(index, store.keys[i:j], k,
+                                           exclude=np.arange(i, j))
+            ids[i:j], probs[i:j] = knn_distribution(
+                distances, lookup_values(store, neighbours), temperature)
+        ids.flush(), probs.flush()
+        del ids, probs
+        (tmp / "targets.json").write_text(json.dumps(meta, indent=2))
+    return _open_targets(folder, meta)
+
+
+def window_batch(keys, doc, rows, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """States ``r-W+1 .. r`` of each row's own document: ``x (B, W, D)``, ``pad (B, W)``.
+
+    Rows of a document are contiguous and in position order, so row ``r - j``
+    belongs to the window exactly when ``doc[r - j] == doc[r]``.  Slots before
+    the document start are zeros with ``pad = True``.
+    """
+    rows = np.asarray(rows, dtype=np.int64)                  # (B,)
+    src = rows[:, None] - np.arange(W - 1, -1, -1)           # (B, W), last slot = r
+    safe = np.clip(src, 0, None)
+    doc = np.asarray(doc)
+    pad = (src < 0) | (doc[safe] != doc[rows][:, None])      # (B, W)
+    x = np.asarray(keys[safe.ravel()], dtype=np.float32).reshape(len(rows), W, -1)
+    x[pad] = 0.0
+    return torch.from_numpy(x), torch.from_numpy(pad)
+
+
+def memdec_loss(logits_head, target_ids, target_probs, next_token,
+                decoder: MemoryDecoder, beta: float = 0.5):
+    """``(loss, kl, ce)``: ``beta * KL(p_kNN || p_dec) + (1 - beta) * CE``.
+
+    ``target_ids (B, k)`` are base token ids (-1 = unused slot) with
+    ``target_probs (B, k)``; KL sums ``p (log p - log q)`` over slots with
+    ``p > 0``, nothing renormalised.  Both terms are batch means.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be between 0 and 1; got {beta}.")
+    logq = torch.log_softmax(logits_head.float(), dim=-1)               # (B, Vh)
+    device = logq.device
+    p = torch.as_tensor(target_probs, device=device).float()            # (B, k)
+    col = decoder.head_index(target_ids).to(device)                     # (B, k)
+    nxt = decoder.head_index(next_token).to(device)                     # (B,)
+    used = p > 0
+    if (used & (col < 0)).any() or (nxt < 0).any():
+        raise ValueError("some target tokens are not in the decoder's head vocabulary; "
+                         "build its config from this datastore with "
+                         "DecoderConfig.from_store(store, vocab_size).")
+    logq_t = logq.gather(1, col.clamp(min=0))                           # (B, k)
+    logp = torch.log(torch.where(used, p, 1.0))
+    kl = torch.where(used, p * (logp - logq_t), 0.0).sum(1).mean()
+    ce = F.nll_loss(logq, nxt)
+    return beta * kl + (1.0 - beta) * ce, kl, ce
+
+
+def _lr_lambda(total: int, warmup: int):
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+    return factor
+
+
+def _snapshot(decoder) -> dict:
+    return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+
+
+def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs: int = 10,
+                  lr: float = 1e-3, batch_size: int = 256, beta: float = 0.5,
+                  weight_decay: float = 0.01, warmup_frac: float = 0.05, eval_fn=None,
+                  patience: int = 3, seed: int = 0, checkpoint_dir=None,
+                  progress: bool = True, max_steps: int | None = None) -> dict:
+    """Train on every store row; return the history and keep the best weights.
+
+    ``eval_fn(decoder) -> float`` (lower is better, e.g. held-out perplexity)
+    runs after each epoch; training stops early after ``patience`` epochs
+    without improvement.  Without it the latest epoch counts as the best.  A
+    NaN/inf loss stops training (``history["stopped"]`` says why) and the
+    best weights so far are restored.  The same ``seed`` gives the same history.
+    """
+    from tqdm.auto import tqdm
+    n, W = len(store), decoder.config.window
+    if len(targets) != n or decoder.config.key_dim != store.dim:
+        raise ValueError(f"store ({n} rows of dim {store.dim}), targets ({len(targets)} "
+                         f"rows) and decoder (key_dim {decoder.config.key_dim}) do not "
+                         "fit; recompute targets with precompute_knn_targets(store, index) "
+                         "and build the decoder with DecoderConfig.from_store(store, ...).")
+    if epochs < 1 or batch_size < 1 or patience < 1:
+        raise ValueError(f"epochs, batch_size and patience must be >= 1; got {epochs}, "
+                         f"{batch_size}, {patience}.")
+    device = next(decoder.parameters()).device
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps,
+                                                                    epochs * steps_per_epoch)
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    warmup = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
+    history = {"loss": [], "kl": [], "ce": [], "lr": [], "eval": [], "best_epoch": None,
+               "best_eval": None, "steps_per_epoch": steps_per_epoch, "stopped": None}
+    best_state, best, waited, step = _snapshot(decoder), math.inf, 0, 0
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
+    devices = ([torch.cuda.current_device() if device.index is None else device.index]
+               if device.type == "cuda" else [])
+    with torch.random.fork_rng(devices=devices):  # seeded dropout; caller's RNG untouched
+        torch.manual_seed(seed)
+        for epoch in range(epochs):
+            decoder.train()
+            order = torch.randperm(n, generator=generator).numpy()
+            for i in range(0, n, batch_size):
+                if step >= total:
+                    break
+                rows = np.sort(order[i:i + batch_size])  # sorted: faster memmap reads
+                x, pad = window_batch(store.keys, store.doc, rows, W)
+                logits = decoder(x.to(device), pad.to(device))
+                loss, kl, ce = memdec_loss(logits, targets.ids[rows], targets.probs[rows],
+                                           store.values[rows], decoder, beta)
+                if not torch.isfinite(loss):
+                    history["stopped"] = (f"loss became {loss.item()} at step {step} (epoch "
+                                          f"{epoch + 1}); restored the best weights so far. "
+                                          "Lower DECODER_LR or check the keys for NaN/inf.")
+                    warnings.warn(history["stopped"], stacklevel=2)
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                history["lr"].append(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                for name, term in (("loss", loss), ("kl", kl), ("ce", ce)):
+                    history[name].append(term.item())
+                bar.update()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            if history["stopped"]:
+                break
+            decoder.eval()
+            value = None
+            if eval_fn is not None:
+                with torch.no_grad():
+                    value = float(eval_fn(decoder))
+                history["eval"].append(value)
+            if eval_fn is None or value < best:  # without eval_fn the latest is best
+                best, waited, best_state = value, 0, _snapshot(decoder)
+                history["best_epoch"], history["best_eval"] = epoch + 1, value
+                if checkpoint_dir is not None:
+                    save_decoder(decoder, checkpoint_dir)
+            else:
+                waited += 1
+                if waited >= patience:
+                    history["stopped"] = (f"early stop after epoch {epoch + 1}: no "
+                                          f"improvement for {patience} epochs.")
+                    break
+            if step >= total:
+                break
+    bar.close()
+    decoder.load_state_dict(best_state)
+    decoder.eval()
+    return history
+
+
+@torch.inference_mode()
+def decoder_target_probs(decoder: MemoryDecoder, keys, doc, values, W: int | None = None,
+                         batch_size: int = 1024) -> np.ndarray:
+    """``p_dec(true next token)`` for every row ``(N,)`` float32, e.g. held-out text.
+
+    ``keys``/``doc``/``values`` as in ``helpers.hidden.Extraction`` (rows in
+    document and position order).  Tokens the head lacks get ``exp(-30)``.
+    """
+    W = decoder.config.window if W is None else W
+    if W != decoder.config.window:
+        raise ValueError(f"W={W} but the decoder reads windows of "
+                         f"{decoder.config.window}; pass W=decoder.config.window.")
+    device = next(decoder.parameters()).device
+    was_training = decoder.training
+    decoder.eval()
+    out = np.empty(len(values), np.float32)
+    for i in range(0, len(values), batch_size):
+        rows = np.arange(i, min(i + batch_size, len(values)))
+        x, pad = window_batch(keys, doc, rows, W)
+        target = torch.as_tensor(np.asarray(values)[rows], dtype=torch.long)
+        logp = decoder.log_prob_of(x.to(device), target, pad.to(device))
+        out[rows] = logp.exp().cpu().numpy()
+    decoder.train(was_training)
+    return out

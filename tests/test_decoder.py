@@ -1,0 +1,198 @@
+"""The Memory Decoder model and its checkpoints (helpers.decoder), notebook 03."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.decoder import (DecoderConfig, DecoderMismatch, MemoryDecoder, load_decoder,
+                             save_decoder)
+from helpers.model import tokenizer_fingerprint
+from tests.conftest import make_tokenizer
+from tests.test_train_decoder import make_store
+
+STORE_VOCAB = [3, 5, 8, 13, 21]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second CPU thread only adds overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(seed=0, **knobs):
+    """key_dim 32, width 32, 2 layers of 4 heads, over a 40-token base vocabulary."""
+    torch.manual_seed(seed)
+    knobs = {"key_dim": 32, "base_vocab_size": 40, "dim": 32, "n_layers": 2,
+             "n_heads": 4, "window": 3, "vocab_ids": STORE_VOCAB,
+             "base_model_name": "tiny-gemma", "layer": -1,
+             "tokenizer_fingerprint": tokenizer_fingerprint(make_tokenizer()), **knobs}
+    return MemoryDecoder(DecoderConfig(**knobs)).eval()
+
+
+def inputs(B=4, W=3, D=32, seed=1):
+    return torch.randn(B, W, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_default_decoder_has_six_layers_of_32_heads_with_layer_norm():
+    decoder = MemoryDecoder(DecoderConfig(key_dim=32, base_vocab_size=40, vocab_ids=[1, 2]))
+    layers = decoder.encoder.layers
+    assert len(layers) == 6 and decoder.config.dim == 256 and decoder.config.window == 1
+    assert all(layer.self_attn.num_heads == 32 and layer.norm_first for layer in layers)
+    assert isinstance(decoder.norm, torch.nn.LayerNorm)
+    assert decoder.head.out_features == 2  # one column per stored next token
+    assert decoder.count_parameters() == sum(p.numel() for p in decoder.parameters())
+
+
+@pytest.mark.parametrize("knobs, advice", [
+    ({"dim": 60, "n_heads": 32}, "not divisible by n_heads"),
+    ({"window": 0}, "window must be >= 1"),
+    ({"head": "dense"}, "head must be one of"),
+    ({"vocab_ids": []}, "DecoderConfig.from_store"),
+    ({"vocab_ids": [3, 99]}, "base_vocab_size"),
+])
+def test_config_errors_say_what_to_change(knobs, advice):
+    with pytest.raises(ValueError, match=advice):
+        DecoderConfig(**{"key_dim": 32, "base_vocab_size": 40, "vocab_ids": [3], **knobs})
+
+
+def test_config_from_store_records_its_vocabulary_model_and_layer(tmp_path):
+    store = make_store(tmp_path / "s")
+    config = DecoderConfig.from_store(store, 40, window=2)
+    assert config.vocab_ids == STORE_VOCAB and config.key_dim == 32
+    assert (config.base_model_name, config.layer, config.window) == ("tiny-gemma", -1, 2)
+
+
+def test_input_of_the_wrong_shape_names_the_expected_one():
+    with pytest.raises(ValueError, match=r"\(B, 3, 32\)"):
+        tiny()(inputs(W=2))
+
+
+def test_earlier_window_states_change_the_output():
+    decoder, x = tiny(), inputs()
+    changed = x.clone()
+    changed[:, 0] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(decoder(x), decoder(changed))
+
+
+def test_padded_slots_do_not_change_the_output():
+    decoder, x = tiny(), inputs()
+    pad = torch.tensor([[True, True, False], [True, False, False]] + [[False] * 3] * 2)
+    changed = x.clone()
+    changed[0, :2], changed[1, 0] = 5.0, float("nan")
+    with torch.no_grad():
+        out, again = decoder(x, pad), decoder(changed, pad)
+        assert torch.isfinite(again).all()
+        torch.testing.assert_close(again, out, rtol=0, atol=1e-6)
+        assert not torch.allclose(decoder(x), out)  # the mask did matter
+
+
+def test_a_padded_window_reads_like_its_unpadded_part_alone():
+    decoder, x = tiny(), inputs(B=1)
+    with torch.no_grad():
+        out = decoder(x, torch.tensor([[True, False, False]]))
+        h = decoder.inp(x[:, 1:]) + decoder.pos[1:]  # slots 1, 2 only
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(2)
+        h = decoder.norm(decoder.encoder(h, mask=causal, is_causal=True)[:, -1])
+        torch.testing.assert_close(out, decoder.head(h))
+
+
+def test_store_head_puts_the_floor_outside_its_vocabulary():
+    decoder = tiny()
+    with torch.no_grad():
+        logp = decoder.log_probs_full(inputs(), floor=-30.0)
+    assert logp.shape == (4, 40)
+    outside = [t for t in range(40) if t not in STORE_VOCAB]
+    assert (logp[:, outside] == -30.0).all()
+    torch.testing.assert_close(logp[:, STORE_VOCAB].exp().sum(1), torch.ones(4))
+
+
+def test_full_head_log_probs_are_a_log_softmax_over_the_base_vocabulary():
+    decoder = tiny(head="full")
+    with torch.no_grad():
+        logp = decoder.log_probs_full(inputs())
+    assert logp.shape == (4, 40) and (logp > -30).all()
+    torch.testing.assert_close(logp.exp().sum(1), torch.ones(4))
+
+
+def test_head_index_maps_base_token_ids_to_head_columns():
+    assert tiny().head_index([3, 21, 4, -1, 99]).tolist() == [0, 4, -1, -1, -1]
+    assert tiny(head="full").head_index([3, 39, 40]).tolist() == [3, 39, -1]
+
+
+def test_saved_decoder_gives_identical_outputs_in_a_fresh_module(tmp_path):
+    decoder, x = tiny(), inputs()
+    save_decoder(decoder, tmp_path / "dec")
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["config.json",
+                                                                    "model.safetensors"]
+    loaded = load_decoder(tmp_path / "dec", base_model_name="tiny-gemma",
+                          tokenizer=make_tokenizer(), vocab_size=40)
+    assert loaded is not decoder and loaded.config == decoder.config
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(x), decoder(x))
+
+
+@pytest.mark.parametrize("given, field", [
+    ({"base_model_name": "google/gemma-2b"}, "base_model_name"),
+    ({"tokenizer": "other"}, "tokenizer_fingerprint"),
+    ({"vocab_size": 262144}, "base_vocab_size"),
+    ({"store": 16}, "key_dim"),
+])
+def test_load_refuses_a_checkpoint_made_for_another_setup(tmp_path, given, field):
+    save_decoder(tiny(), tmp_path / "dec")
+    if "tokenizer" in given:
+        tok = make_tokenizer()
+        tok.add_tokens(["unseen"])
+        given = {"tokenizer": tok}
+    if "store" in given:
+        fp = tiny().config.tokenizer_fingerprint
+        given = {"store": make_store(tmp_path / "s", dim=given["store"],
+                                     tokenizer_fingerprint=fp)}
+    with pytest.raises(DecoderMismatch, match=field) as err:
+        load_decoder(tmp_path / "dec", **given)
+    assert "03_train_memory_decoder" in str(err.value)
+
+
+def test_missing_checkpoint_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_decoder"):
+        load_decoder(tmp_path / "nowhere")
+
+
+def test_hub_mixin_save_pretrained_and_from_pretrained_round_trip(tmp_path):
+    decoder, x = tiny(), inputs()
+    decoder.save_pretrained(tmp_path / "hub")
+    saved = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert saved["vocab_ids"] == STORE_VOCAB and saved["window"] == 3
+    loaded = MemoryDecoder.from_pretrained(tmp_path / "hub")
+    assert isinstance(loaded.config, DecoderConfig) and loaded.config == decoder.config
+    with torch.no_grad():
+        assert torch.equal(loaded(x), decoder(x))
+    save_decoder(decoder, tmp_path / "ours")  # same layout both ways
+    assert torch.equal(MemoryDecoder.from_pretrained(tmp_path / "ours")(x), loaded(x))
+
+
+def test_tied_head_uses_the_attached_embedding_and_does_not_save_it(tmp_path):
+    decoder, x = tiny(head="tied"), inputs()
+    with pytest.raises(RuntimeError, match="attach_output_embedding"):
+        decoder(x)
+    embedding = torch.randn(40, 32)
+    decoder.attach_output_embedding(embedding)
+    with torch.no_grad():
+        out = decoder(x)
+        torch.testing.assert_close(out, decoder.head(decoder.hidden(x)) @ embedding.T)
+    assert decoder.count_parameters() == sum(p.numel() for p in decoder.parameters())
+    save_decoder(decoder, tmp_path / "dec")
+    saved = load_file(tmp_path / "dec" / "model.safetensors")
+    assert all(t.shape != embedding.shape for t in saved.values())
+    assert "output_embedding" not in saved and "output_embedding" not in decoder.state_dict()
+    loaded = load_decoder(tmp_path / "dec", output_embedding=embedding)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    with pytest.raises(DecoderMismatch, match="shape"):
+        loaded.attach_output_embedding(torch.randn(41, 32))
