@@ -5,7 +5,8 @@ the base model is loaded (the caller's frozen model is untouched), its token
 embeddings -- tied to the output head in Gemma -- stay frozen, and every
 other weight trains with AdamW on the same training windows that fill the
 datastore.  On two CPU cores this is slow (tens of tokens per second), so
-``max_tokens`` caps the budget and ``benchmarks/bench_finetune.py`` records
+``max_tokens`` or ``max_seconds`` cap the budget, and
+``benchmarks/bench_finetune.py`` records
 the figures that the notebook shows.
 """
 
@@ -34,7 +35,8 @@ def training_windows(tokenizer, texts, window: int = 256, overlap: int = 64):
 
 def finetune_body(model, tokenizer, texts, *, epochs: int = 1, lr: float = 5e-5,
                   window: int = 256, overlap: int = 64, batch_size: int = 4,
-                  max_tokens: int | None = None, seed: int = 0,
+                  max_tokens: int | None = None, max_seconds: float | None = None,
+                  seed: int = 0,
                   progress: bool = True) -> dict:
     """Fine-tune ``model`` in place (embeddings frozen); returns cost figures.
 
@@ -76,7 +78,8 @@ def finetune_body(model, tokenizer, texts, *, epochs: int = 1, lr: float = 5e-5,
         opt.step()
         losses.append(loss.item())
         seen += int((labels != -100).sum())
-        if max_tokens and seen >= max_tokens:
+        if (max_tokens and seen >= max_tokens) or (
+                max_seconds and time.perf_counter() - tic >= max_seconds):
             break
     seconds = time.perf_counter() - tic
     model.eval().requires_grad_(False)

@@ -1,0 +1,321 @@
+"""Blended sampling: base model + memory, one token at a time, streamed.
+
+Explained in ``notebooks/04_blended_sampling.ipynb``.
+
+At every step the base model gives ``log p_base`` and a memory gives
+``log p_mem`` -- the Memory Decoder (mode ``"memdec"``) or the kNN search of
+notebook 02 (mode ``"knn"``).  They are mixed in one of two ways::
+
+    blend="probs":  p      = (1 - alpha) * p_base + alpha * p_mem   (kNN-LM)
+    blend="logits": logits = (1 - alpha) * logits_base + alpha * log p_mem
+                    (the original tutorial; a geometric mixture)
+
+``generate`` runs ONE forward of the base model per new token: the KV cache
+keeps the prefix, and ``output_hidden_states=True`` gives the memory's query
+(the final hidden state) from the same pass.  It yields a ``Step`` as soon as
+each token exists, so a chat panel can show text while it is being written.
+``original_style_step`` is the slow reference the benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .knn import knn_distribution, lookup_values, search
+
+MODES = ("base", "knn", "memdec")
+BLENDS = ("logits", "probs")
+LOG_FLOOR = -30.0  # blend="logits": log p_mem = -inf (p = 0) is clipped here
+NOTEBOOK_03 = "notebooks/03_train_memory_decoder.ipynb"
+
+
+def _check_alpha(alpha) -> float:
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be between 0 (base model only) and 1 (memory only); "
+                         f"got {alpha}. Move the slider back into [0, 1].")
+    return alpha
+
+
+def blend_logits(base_logits: torch.Tensor, memory_logp: torch.Tensor, alpha: float,
+                 mode: str = "logits") -> torch.Tensor:
+    """Log-probabilities ``(..., V)`` of the base model mixed with a memory.
+
+    ``base_logits`` are the model's logits, ``memory_logp`` the memory's
+    log-probabilities (``-inf`` allowed for p = 0).  ``alpha=0`` returns the
+    base model's and ``alpha=1`` the memory's distribution exactly.
+    """
+    alpha = _check_alpha(alpha)
+    if mode not in BLENDS:
+        raise ValueError(f"mode must be 'logits' (geometric mixture, the original "
+                         f"tutorial) or 'probs' (kNN-LM mixture); got {mode!r}.")
+    base = torch.log_softmax(base_logits.float(), dim=-1)        # (..., V)
+    memory = memory_logp.float().to(base.device)                 # (..., V)
+    if alpha == 0.0:
+        return base
+    if alpha == 1.0:
+        return torch.log_softmax(memory, dim=-1)
+    if mode == "logits":  # clip -inf so that alpha * log p_mem stays finite
+        mixed = (1 - alpha) * base_logits.float() + alpha * memory.clamp(min=LOG_FLOOR)
+        return torch.log_softmax(mixed, dim=-1)
+    # log((1-a) p_base + a p_mem) without ever forming log(0) of a sum
+    return torch.logaddexp(base + np.log1p(-alpha), memory + np.log(alpha))
+
+
+def _check_sampling(temperature, top_k, vocab_size: int | None = None) -> None:
+    if not (temperature >= 0 and np.isfinite(temperature)):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy, 1 = the distribution as "
+                         f"is, higher = more random); got {temperature}.")
+    if top_k is None:
+        return
+    if top_k < 0 or int(top_k) != top_k:
+        raise ValueError(f"top_k must be a whole number >= 1, or 0 / None for the whole "
+                         f"vocabulary; got {top_k}.")
+    if vocab_size is not None and top_k > vocab_size:
+        raise ValueError(f"top_k={top_k} is larger than the vocabulary ({vocab_size} "
+                         f"tokens); use 1 <= top_k <= {vocab_size}, or 0 / None for all.")
+
+
+def sample_next(logp: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids ``()`` or ``(B,)`` drawn from ``logp (V,)`` or ``(B, V)``.
+
+    ``temperature=0`` or ``top_k=1`` is greedy; otherwise the ``top_k`` most
+    likely tokens (``None`` / 0: all) are sampled from ``softmax(logp / T)``.
+    """
+    _check_sampling(temperature, top_k, logp.shape[-1])
+    if temperature == 0 or top_k == 1:
+        return logp.argmax(dim=-1)
+    scaled = logp.float() / temperature                          # (..., V)
+    if top_k:
+        kth = scaled.topk(int(top_k), dim=-1).values[..., -1:]   # (..., 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1).reshape(-1, logp.shape[-1])  # (B, V)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    ids = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+    return ids.to(logp.device).reshape(logp.shape[:-1])
+
+
+@dataclass
+class Step:
+    """One generated token and what produced it."""
+    index: int                  # 0 for the first new token
+    token_id: int
+    text: str                   # the text it adds ("" while a character is incomplete)
+    logprob: float              # log p(token) under the blended distribution
+    base_logprob: float         # log p_base(token)
+    memory_top_id: int | None   # the memory's most likely token (None in mode "base")
+    alpha: float                # weight of the memory (0.0 in mode "base")
+    doc_ids: list[int] | None = None  # mode "knn": store doc of each neighbour
+    truncated: int = 0          # prompt tokens cut from the left (first step only)
+    finished: str | None = None  # "eos" or "max_new_tokens" on the last step
+    key: torch.Tensor | None = field(default=None, repr=False)  # (D,) query state
+
+
+class _Detokenizer:
+    """New text per token: decode the whole continuation, emit the new suffix."""
+
+    def __init__(self, tokenizer, context_ids: list[int]):
+        self.tokenizer, self.context = tokenizer, list(context_ids[-4:])
+        self.ids, self.emitted = [], ""
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        # decoding after a little prompt context keeps a word's leading space
+        head, full = self._decode(self.context), self._decode(self.context + self.ids)
+        text = full[len(head):] if full.startswith(head) else self._decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""  # half a multi-byte character: wait for the rest
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Every end token the tokenizer, config or generation config names."""
+    found = [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None),
+             getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
+    flat = [j for i in found for j in (i if isinstance(i, (list, tuple)) else [i])]
+    return {int(i) for i in flat if i is not None}
+
+
+def _check_memory(model, mode, decoder, store, index, k, knn_temperature, hidden):
+    if mode == "memdec":
+        if decoder is None:
+            raise ValueError("mode='memdec' needs decoder=...: load one with "
+                             f"load_decoder(folder) (trained in {NOTEBOOK_03}).")
+        c, vocab = decoder.config, model.get_output_embeddings().weight.shape[0]
+        if c.base_vocab_size != vocab or c.key_dim != hidden:
+            raise ValueError(f"the decoder expects a base model with {c.base_vocab_size} "
+                             f"tokens and hidden size {c.key_dim}; this one has {vocab} "
+                             f"and {hidden}. Train a decoder for this model in "
+                             f"{NOTEBOOK_03}.")
+        if decoder.training:
+            raise ValueError("the decoder is in training mode (dropout on); call "
+                             "decoder.eval() before generating.")
+        if c.head == "tied" and decoder.output_embedding is None:
+            raise ValueError("this head='tied' decoder needs decoder.attach_output_"
+                             "embedding(model.get_output_embeddings().weight) first.")
+    if mode == "knn":
+        if store is None or index is None:
+            raise ValueError("mode='knn' needs store=Datastore.open(path) and "
+                             "index=load_or_build_index(store) (notebook 02).")
+        if store.dim != hidden or index.d != hidden or index.ntotal != len(store):
+            raise ValueError(f"store (dim {store.dim}, {len(store)} keys) and index "
+                             f"(dim {index.d}, {index.ntotal} keys) must match the model's "
+                             f"hidden size {hidden}; rebuild them for this model.")
+        if not 1 <= k <= len(store) or not knn_temperature > 0:
+            raise ValueError(f"need 1 <= k <= {len(store)} (the store's size) and "
+                             f"knn_temperature > 0; got k={k}, "
+                             f"knn_temperature={knn_temperature}.")
+
+
+def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float = 0.5,
+             blend: str = "probs", temperature: float = 0.7, top_k: int | None = 50,
+             max_new_tokens: int = 64, seed: int = 0, decoder=None, store=None,
+             index=None, k: int = 32, knn_temperature: float = 300.0, stop_event=None,
+             truncate_left: bool = True):
+    """Yield one ``Step`` per new token, as soon as it is produced.
+
+    Arguments are checked here, before the first token; iterate the result
+    (``for step in generate(...)``) to run the model.  ``stop_event`` (a
+    ``threading.Event``) stops it between two tokens.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be 'probs' (kNN-LM mixture) or 'logits' (the "
+                         f"original tutorial's); got {blend!r}.")
+    alpha = _check_alpha(alpha)
+    _check_sampling(temperature, top_k, model.get_output_embeddings().weight.shape[0])
+    config = model.config.get_text_config()
+    _check_memory(model, mode, decoder, store, index, k, knn_temperature,
+                  config.hidden_size)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("The prompt is empty: type something for the model to continue.")
+    limit = config.max_position_embeddings - max_new_tokens  # room left for the prompt
+    if max_new_tokens < 1 or limit < 2:
+        raise ValueError(f"max_new_tokens must be >= 1 and leave room for a prompt in the "
+                         f"model's {config.max_position_embeddings}-token context; got "
+                         f"{max_new_tokens}.")
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    cut = max(0, len(ids) - limit)
+    if cut and not truncate_left:
+        raise ValueError(f"The prompt has {len(ids)} tokens but only {limit} fit before "
+                         f"the {max_new_tokens} new ones; cut {cut} tokens (or pass "
+                         "truncate_left=True).")
+    if cut:  # keep BOS, drop the oldest tokens after it
+        keep = 1 if ids[0] == tokenizer.bos_token_id else 0
+        ids = ids[:keep] + ids[keep + cut:]
+    if mode == "base":
+        memory, layer, W, alpha = None, -1, 1, 0.0
+    elif mode == "memdec":
+        def memory(x, pad):  # (1, W, D), (1, W) -> (log p_dec (1, V), no provenance)
+            return decoder.log_probs_full(x, pad), None
+        W, layer = decoder.config.window, decoder.config.layer
+        layer = -1 if layer is None else layer
+    else:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        memory, W = _knn_memory(store, index, k, knn_temperature, vocab), 1
+        layer = store.manifest.get("layer", -1)
+    return _steps(model, tokenizer, ids, memory=memory, layer=layer, W=W, alpha=alpha,
+                  blend=blend, temperature=temperature, top_k=top_k,
+                  max_new_tokens=max_new_tokens, seed=seed, stop_event=stop_event,
+                  cut=cut)
+
+
+def _knn_memory(store, index, k: int, temperature: float, vocab_size: int):
+    """``memory(x (1, 1, D), pad) -> (log p_kNN (1, V), store doc of each neighbour)``."""
+    def memory(x, pad):
+        query = x[0, -1].float().cpu().numpy()[None]              # (1, D)
+        distances, rows = search(index, query, k)                 # (1, k) each
+        tok, prob = knn_distribution(distances, lookup_values(store, rows), temperature)
+        keep = tok[0] >= 0
+        p = torch.zeros(1, vocab_size, device=x.device)           # dense p_kNN (1, V)
+        p[0, torch.from_numpy(tok[0][keep]).to(x.device)] = torch.from_numpy(
+            prob[0][keep]).to(x.device)
+        return p.log(), np.asarray(store.doc)[rows[0][rows[0] >= 0]].tolist()
+    return memory
+
+
+def _forward_kwargs(model) -> tuple[str, dict]:
+    """The KV cache's argument name (``cache`` since transformers 5) and extras."""
+    params = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # skip (T-1, V)
+    return ("cache" if "cache" in params else "past_key_values"), extra
+
+
+@torch.inference_mode()
+def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature, top_k,
+           max_new_tokens, seed, stop_event, cut):
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos, text = _eos_ids(model, tokenizer), _Detokenizer(tokenizer, ids)
+    cache_name, extra = _forward_kwargs(model)
+    # the first forward reads the prompt (1, T) and creates a transformers
+    # DynamicCache; every later one reads one token (1, 1) and extends the cache
+    new_input, cache = torch.tensor([ids], device=device), None
+    window = deque(maxlen=W)  # the last W hidden states, prompt included
+    for i in range(max_new_tokens):
+        if stop_event is not None and stop_event.is_set():
+            return
+        out = model(input_ids=new_input, use_cache=True, output_hidden_states=True,
+                    **{cache_name: cache}, **extra)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        # Gemma's final_logit_softcapping is already applied to out.logits by
+        # transformers' forward: it must not be applied a second time here.
+        logits = out.logits[0, -1].float()                        # (V,)
+        window.extend(out.hidden_states[layer][0, -W:].float())   # (D,) each
+        base = torch.log_softmax(logits, dim=-1)                  # (V,)
+        logp, top, docs = base, None, None
+        if memory is not None:
+            x = logits.new_zeros(1, W, window[-1].shape[0])       # (1, W, D)
+            x[0, W - len(window):] = torch.stack(list(window))
+            pad = (torch.arange(W, device=device) < W - len(window))[None]  # (1, W)
+            mem, docs = memory(x, pad)                            # (1, V), docs
+            mem = mem[0].to(device)                               # (V,)
+            logp, top = blend_logits(logits, mem, alpha, blend), int(mem.argmax())
+        token = int(sample_next(logp, temperature, top_k, generator))
+        finished = ("eos" if token in eos else
+                    "max_new_tokens" if i == max_new_tokens - 1 else None)
+        yield Step(i, token, text.push(token), float(logp[token]), float(base[token]),
+                   top, alpha, docs, cut if i == 0 else 0, finished, window[-1].cpu())
+        if finished:
+            return
+        new_input = torch.tensor([[token]], device=device)
+
+
+def generate_text(model, tokenizer, prompt: str, **kw) -> tuple[str, list[Step]]:
+    """Run ``generate`` to the end: ``(the new text, its steps)``."""
+    steps = list(generate(model, tokenizer, prompt, **kw))
+    return "".join(s.text for s in steps), steps
+
+
+# --- the slow reference: how the original tutorial sampled -----------------------
+
+@torch.inference_mode()
+def original_style_step(model, input_ids: torch.Tensor, decoder, alpha: float):
+    """SLOW REFERENCE: the next greedy token ``(B,)`` the original tutorial's way.
+
+    Two full forwards over the whole prefix ``input_ids (B, T)``, no cache:
+    one for the logits at every position, one for the hidden states; then
+    ``(1 - alpha) * logits + alpha * decoder logits`` and argmax.
+    """
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, -1]  # (B, V)
+    hidden = model(input_ids=input_ids, use_cache=False,
+                   output_hidden_states=True).hidden_states[-1]         # (B, T, D)
+    W, T = decoder.config.window, input_ids.shape[1]
+    x = hidden.new_zeros(len(hidden), W, hidden.shape[-1])              # (B, W, D)
+    x[:, W - min(W, T):] = hidden[:, -W:]
+    pad = (torch.arange(W) < W - min(W, T)).expand(len(hidden), W)      # (B, W)
+    memory = decoder.log_probs_full(x.float(), pad)                     # (B, V)
+    return blend_logits(logits, memory, alpha, "logits").argmax(dim=-1)
