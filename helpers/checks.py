@@ -85,3 +85,25 @@ def check_sparse_kl(fn) -> None:
         f"got {got.item():.5f}, expected {want.item():.5f}: sum p*(log p - log q) over "
         "the used slots of each row, then average over the batch")
     print("passed")
+
+
+def check_prob_blend(fn) -> None:
+    """Exercise of notebook 04: ``fn(base_logits (V,), memory_logp (V,), alpha)``."""
+    from .sampling import blend_logits
+
+    gen = torch.Generator().manual_seed(4)
+    base = 5 * torch.randn(50, generator=gen)
+    mem = 5 * torch.randn(50, generator=gen)
+    mem[10:] = -float("inf")  # the memory knows only 10 tokens
+    mem = torch.log_softmax(mem, -1)
+    for alpha in (0.0, 0.3, 1.0):
+        got = fn(base, mem, alpha)
+        want = blend_logits(base, mem, alpha, mode="probs")
+        assert got.shape == want.shape, f"return log-probabilities of shape {tuple(want.shape)}"
+        assert not torch.isnan(got).any(), (
+            f"alpha={alpha}: NaN. log(0) meets 0*inf somewhere; mix in log space with "
+            "torch.logaddexp(log(1-a) + log p_base, log(a) + log p_mem)")
+        finite = torch.isfinite(want)
+        assert torch.allclose(got[finite], want[finite], atol=1e-4), (
+            f"alpha={alpha}: not (1-alpha)*softmax(base) + alpha*p_memory (as log-probs)")
+    print("passed")

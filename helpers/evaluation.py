@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .datastore import corpus_fingerprint
 from .knn import base_target_probs
@@ -69,3 +70,36 @@ def load_npz(path: Path) -> dict:
     """Read an ``.npz`` of plain arrays (pickle refused)."""
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+@torch.inference_mode()
+def blend_curves(model, decoder, ev: HeldOut, rows: np.ndarray, alphas,
+                 chunk: int = 256) -> dict[str, np.ndarray]:
+    """Held-out perplexity against α for both blends (notebook 04).
+
+    ``"logits"``: ``log_softmax((1-α)·base_logits + α·log p_dec)`` (the
+    original tutorial's formula); ``"probs"``: ``(1-α)·p_base + α·p_dec``.
+    Both need the full base distribution, so the head runs on ``chunk`` keys
+    at a time.  Returns ``{"logits": (A,), "probs": (A,)}`` perplexities.
+    """
+    from .sampling import blend_logits
+    from .train_decoder import window_batch
+
+    alphas = [float(a) for a in alphas]
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    idx = np.flatnonzero(rows)
+    nll = {m: np.zeros(len(alphas)) for m in ("logits", "probs")}
+    for i in range(0, len(idx), chunk):
+        r = idx[i:i + chunk]
+        base = head(torch.from_numpy(np.ascontiguousarray(ev.keys[r]))).float()  # (C, V)
+        if cap:
+            base = torch.tanh(base / cap) * cap
+        x, pad = window_batch(ev.keys, ev.doc, r, decoder.config.window)
+        mem = decoder.log_probs_full(x, pad)                                       # (C, V)
+        target = torch.as_tensor(ev.values[r])[:, None]
+        for j, a in enumerate(alphas):
+            for mode in nll:
+                logp = blend_logits(base, mem, a, mode=mode)
+                nll[mode][j] -= logp.gather(1, target).sum().item()
+    return {m: np.exp(v / len(idx)) for m, v in nll.items()}

@@ -31,9 +31,13 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def artifacts_dir() -> Path:
-    """Folder for things the notebooks produce (metrics, figures)."""
-    path = data_dir() / "artifacts"
+def artifacts_dir(smoke: bool = False) -> Path:
+    """Folder for things the notebooks produce (metrics, checkpoints).
+
+    Smoke runs (``MEMDEC_SMOKE=1``, the tests) write to ``artifacts/smoke/``
+    so they never overwrite the results of a full run.
+    """
+    path = data_dir() / "artifacts" / ("smoke" if smoke else "")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -74,7 +78,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def update_metrics(values: dict, path: Path | None = None) -> dict:
+def update_metrics(values: dict, path: Path | None = None, smoke: bool = False) -> dict:
     """Merge ``values`` into ``data/artifacts/metrics.json`` (atomically).
 
     Notebooks 02-04 each add their figures; the README and later notebooks
@@ -82,7 +86,7 @@ def update_metrics(values: dict, path: Path | None = None) -> dict:
     """
     import json
 
-    path = Path(path) if path else artifacts_dir() / "metrics.json"
+    path = Path(path) if path else artifacts_dir(smoke) / "metrics.json"
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update(values)
     with atomic_file(path) as tmp:

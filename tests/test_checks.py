@@ -63,3 +63,30 @@ def test_sparse_kl_check_rejects_cross_entropy_without_the_entropy_term():
         return -(probs * logq.gather(1, cols.clamp(min=0))).sum(1).mean()
     with pytest.raises(AssertionError, match="expected"):
         check_sparse_kl(cross_entropy)
+
+
+def test_prob_blend_check_accepts_the_log_space_mixture(capsys):
+    import torch
+
+    from helpers.checks import check_prob_blend
+
+    def blend(base, mem, a):
+        lb = torch.log_softmax(base, -1)
+        if a == 0:
+            return lb
+        if a == 1:
+            return mem
+        return torch.logaddexp(torch.log1p(torch.tensor(-a)) + lb, torch.log(torch.tensor(a)) + mem)
+    check_prob_blend(blend)
+    assert capsys.readouterr().out.strip() == "passed"
+
+
+def test_prob_blend_check_rejects_the_logit_blend():
+    import torch
+
+    from helpers.checks import check_prob_blend
+
+    def logit_blend(base, mem, a):
+        return torch.log_softmax((1 - a) * base + a * mem.clamp(min=-30), -1)
+    with pytest.raises(AssertionError, match="alpha"):
+        check_prob_blend(logit_blend)

@@ -37,3 +37,23 @@ def test_valid_and_test_halves_split_articles_not_tokens(tiny, data_dir):
     model, tok = tiny
     ev = heldout_eval(model, tok, TEXTS, "tiny")
     assert set(ev.doc[ev.valid]) == {0, 2} and set(ev.doc[ev.test]) == {1}
+
+
+def test_blend_curves_at_alpha_zero_is_the_base_perplexity(tiny, data_dir):
+    import torch
+
+    from helpers.decoder import DecoderConfig, MemoryDecoder
+    from helpers.evaluation import blend_curves
+    from helpers.knn import perplexity
+
+    model, tok = tiny
+    ev = heldout_eval(model, tok, TEXTS, "tiny")
+    torch.manual_seed(0)
+    dec = MemoryDecoder(DecoderConfig(key_dim=32, base_vocab_size=len(tok), dim=32,
+                                      n_heads=4, n_layers=1, head="full")).eval()
+    rows = np.ones(len(ev.values), bool)
+    curves = blend_curves(model, dec, ev, rows, [0.0, 0.5, 1.0], chunk=3)
+    for mode in ("logits", "probs"):
+        assert np.isclose(curves[mode][0], perplexity(ev.p_base), rtol=1e-4)
+    assert np.isclose(curves["logits"][2], curves["probs"][2], rtol=1e-4)  # both = p_dec
+    assert not np.isclose(curves["logits"][1], curves["probs"][1], rtol=1e-4)

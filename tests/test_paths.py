@@ -29,3 +29,10 @@ def test_atomic_dir_replaces_an_old_version_whole(tmp_path):
         with atomic_dir(target) as tmp:
             (tmp / version).write_text(version)
     assert [p.name for p in target.iterdir()] == ["new"]
+
+
+def test_smoke_runs_keep_their_metrics_apart_from_full_runs(data_dir):
+    update_metrics({"base_ppl": 9.2})
+    update_metrics({"base_ppl": 30.0}, smoke=True)
+    full = json.loads((data_dir / "artifacts" / "metrics.json").read_text())
+    assert full == {"base_ppl": 9.2}

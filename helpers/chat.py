@@ -1,0 +1,350 @@
+"""A chat panel over blended generation: type a question, watch the answer stream.
+
+Explained in ``notebooks/05_chat_panel.ipynb``.
+
+``ChatPanel`` puts ``helpers.sampling.generate`` (notebook 04) behind
+ipywidgets: a conversation view, an input box, Send / Stop, and the knobs of
+notebook 04 (mode, alpha, temperature, top-k, K, max new tokens).  Generation
+runs in a background thread and writes each token into the view as it
+arrives; Stop sets the ``threading.Event`` that ``generate`` checks between
+two tokens.
+
+The base model is a plain LM over "Title / Question / Answer" legal text, so
+the conversation is written as ``Question: ...\\nAnswer: ...`` turns.  When
+they no longer fit in the context window (minus the new tokens) the oldest
+turns are left out of the prompt; they stay on screen.
+
+How much did the memory change an answer?  For each generated token the
+panel asks what the base model alone would have picked greedily at the same
+prefix: ``argmax`` of the output embedding applied to the step's final hidden
+state (``Step.key``), one matrix product per answer.  With greedy decoding
+(temperature 0) every differing token is one where the memory flipped the
+argmax; with sampling some differences are the dice, so the report also says
+how many differing tokens were the memory's own top choice.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import ipywidgets as W
+import torch
+from traitlets import validate
+
+from .sampling import generate
+
+STOP_AT = ("\nQuestion:", "\nTitle:", "\nAnswer:")  # the model starts a new record
+MODE_LABELS = {"base": "base model only", "knn": "kNN-LM (datastore)",
+               "memdec": "Memory Decoder"}
+MISSING = {"knn": "kNN-LM mode needs the datastore and index that notebook 02 builds",
+           "memdec": "Memory Decoder mode needs the checkpoint that notebook 03 trains"}
+# attribute: (description, min, max, step, default, what the ends mean)
+SLIDERS = {"alpha": ("α", 0.0, 1.0, 0.05, 0.5, "0 = base model only, 1 = memory only"),
+           "temperature": ("temperature", 0.0, 2.0, 0.05, 0.7, "0 = greedy"),
+           "top_k": ("top-k", 1, 200, 1, 50, "1 = greedy"),
+           "k": ("K", 1, 1024, 1, 32, "neighbours searched, at most the store's size"),
+           "max_new_tokens": ("max new", 1, 256, 1, 64, "tokens per answer")}
+
+
+def format_turn(question: str, answer: str | None = None) -> str:
+    """One turn in the corpus's own format; ``answer=None`` leaves it open."""
+    return f"Question: {question}\nAnswer:" + ("" if answer is None else f" {answer}")
+
+
+def build_prompt(turns, question: str, count_tokens, budget: int):
+    """``(prompt, n_dropped)``: the newest turns that fit in ``budget`` tokens.
+
+    ``turns`` are earlier ``(question, answer)`` pairs, oldest first;
+    ``count_tokens(text)`` counts what the model will read.  Returns
+    ``(None, len(turns))`` when even the new question alone does not fit.
+    """
+    for dropped in range(len(turns) + 1):
+        prompt = "\n\n".join([format_turn(q, a) for q, a in turns[dropped:]]
+                             + [format_turn(question)])
+        if count_tokens(prompt) <= budget:
+            return prompt, dropped
+    return None, len(turns)
+
+
+def doc_titles_for(store, texts, titles):
+    """Titles of the store's documents, or ``None`` if ``texts`` did not build it.
+
+    ``texts``/``titles``: the training split in corpus order (notebook 02
+    stores ``texts[:num_docs]``); the manifest's corpus fingerprint decides.
+    """
+    from .datastore import corpus_fingerprint
+    n = int(store.manifest.get("num_docs", 0))
+    if n > len(texts) or (corpus_fingerprint(list(texts[:n]))
+                          != store.manifest.get("corpus_fingerprint")):
+        return None
+    return list(titles[:n])
+
+
+class _Checked:
+    """Slider mixin: an out-of-range value keeps the old one and says why."""
+    report, hint = None, ""  # report(message) is set by ChatPanel
+
+    @validate("value")
+    def _validate_value(self, proposal):
+        value = proposal["value"]
+        if self.min <= value <= self.max:
+            return value
+        if self.report:
+            self.report(f"{self.description} must be between {self.min} and {self.max} "
+                        f"({self.hint}); got {value}. Kept {self.value}.")
+        return self.value
+
+
+_FloatSlider = type("_FloatSlider", (_Checked, W.FloatSlider), {})
+_IntSlider = type("_IntSlider", (_Checked, W.IntSlider), {})
+
+
+@dataclass
+class _Turn:
+    user: str
+    label: str                      # who answered, e.g. "Memory Decoder, α=0.3"
+    answer: str = ""
+    base_answer: str | None = None  # the α = 0 answer, when asked for
+    notes: list[str] = field(default_factory=list)
+    streaming: bool = True
+
+
+def _cut(text: str) -> str | None:
+    """``text`` up to the first record marker, or ``None`` if there is none."""
+    hits = [text.find(m) for m in STOP_AT if m in text]
+    return text[:min(hits)] if hits else None
+
+
+class ChatPanel:
+    """A chat widget over ``generate``; display ``panel.widget``.
+
+    Keyword arguments set the controls' starting values; a memory that is not
+    given (``store`` + ``index``, or ``decoder``) makes its mode unavailable.
+    ``doc_titles[i]`` names store document ``i`` in kNN provenance;
+    ``context_window`` defaults to the model's ``max_position_embeddings``.
+    """
+
+    def __init__(self, model, tokenizer, *, store=None, index=None, decoder=None,
+                 doc_titles=None, mode="base", blend="probs", knn_temperature=300.0,
+                 seed=0, context_window=None, **settings):
+        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
+        self.store, self.index, self.doc_titles = store, index, doc_titles
+        self.blend, self.knn_temperature, self.seed = blend, knn_temperature, seed
+        self.context_window = (context_window or
+                               model.config.get_text_config().max_position_embeddings)
+        self.available = {"base": True, "knn": store is not None and index is not None,
+                          "memdec": decoder is not None}
+        self._turns, self._thread, self._stop = [], None, threading.Event()
+        self.last_prompt, self.last_steps, self.last_sources = None, [], []
+        said = self._collect = []  # messages until the panel exists, then one line
+        self.status, self.view = W.HTML(), W.HTML(layout=W.Layout(width="100%"))
+        self.view.add_class("memdec-chat-view")
+        self.input = W.Textarea(placeholder="Ask about EU law, e.g. What is personal data?",
+                                layout=W.Layout(width="100%", height="64px"))
+        self.send_button = W.Button(description="Send", button_style="primary")
+        self.stop_button = W.Button(description="Stop", button_style="warning")
+        self.send_button.on_click(lambda _: self.send())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.mode = W.Dropdown(description="mode", options=[
+            (MODE_LABELS[m] + ("" if ok else " (unavailable)"), m)
+            for m, ok in self.available.items()])
+        self.mode.observe(self._mode_changed, "value")
+        for name, (label, lo, hi, step, default, hint) in SLIDERS.items():
+            if name == "k":
+                hi = max(1, min(hi, len(store) if store is not None else 1))
+            cls = _FloatSlider if isinstance(step, float) else _IntSlider
+            slider = cls(description=label, min=lo, max=hi, step=step, value=min(default, hi),
+                         style={"description_width": "initial"})
+            slider.report, slider.hint = self._say, hint
+            setattr(self, name, slider)
+        self.compare = W.Checkbox(description="also show the α = 0 answer", indent=False)
+        self.widget = W.VBox([
+            self.view, W.HBox([self.input, W.VBox([self.send_button, self.stop_button])]),
+            W.HBox([self.mode, self.alpha, self.temperature]),
+            W.HBox([self.top_k, self.k, self.max_new_tokens]), self.compare, self.status])
+        self.widget.add_class("memdec-chat")
+        for name, value in settings.items():
+            if name not in SLIDERS:
+                said.append(f"unknown setting {name}={value!r}; use {list(SLIDERS)}.")
+            elif name != "k" or store is not None:  # without a store K means nothing
+                getattr(self, name).value = value  # out of range: a message, no change
+        if mode not in self.available:
+            said.append(f"mode must be one of {list(self.available)}; got {mode!r}.")
+        self.mode.value = mode if mode in self.available else "base"
+        said += [MISSING[m] + "." for m, ok in self.available.items() if not ok]
+        self._collect = None
+        self._say(" ".join(said) or "Ready.")
+        self._sync_controls()
+        self._render()
+
+    # --- the controls -------------------------------------------------------------
+
+    def _say(self, message: str) -> None:
+        if self._collect is not None:  # still in __init__
+            return self._collect.append(message)
+        self.status.value = html.escape(message, quote=False)
+
+    def _mode_changed(self, change) -> None:
+        if not self.available.get(change["new"], False):
+            self._say(f"{MISSING[change['new']]}; staying in mode {change['old']!r}.")
+            self.mode.value = change["old"]
+        self._sync_controls()
+
+    def _sync_controls(self) -> None:
+        self.alpha.disabled = self.mode.value == "base"
+        self.k.disabled = self.mode.value != "knn"
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def history(self) -> list[tuple[str, str]]:
+        """``(question, answer)`` pairs, oldest first (the newest may be streaming)."""
+        return [(t.user, t.answer.strip()) for t in self._turns]
+
+    # --- send / stop / wait -------------------------------------------------------
+
+    def send(self, text: str | None = None):
+        """Start answering ``text`` (default: the input box); the thread, or None."""
+        text = (self.input.value if text is None else text).strip()
+        if self.busy:
+            return self._say("Still answering: wait for the answer or press Stop.")
+        if not text:
+            return self._say("Type a question first.")
+        mode, n_new = self.mode.value, self.max_new_tokens.value
+        if not self.available[mode]:
+            return self._say(MISSING[mode] + ".")
+        budget = self.context_window - n_new
+        count = lambda s: len(self.tokenizer(s, add_special_tokens=True)["input_ids"])
+        prompt, dropped = build_prompt(self.history, text, count, budget)
+        if prompt is None:
+            return self._say(f"The question is {count(format_turn(text))} tokens but only "
+                             f"{budget} fit in the {self.context_window}-token context "
+                             f"with {n_new} new tokens: shorten it or lower 'max new'.")
+        kw = dict(temperature=self.temperature.value, top_k=self.top_k.value,
+                  max_new_tokens=n_new, blend=self.blend, truncate_left=False,
+                  seed=self.seed + len(self._turns))
+        alpha = self.alpha.value if mode != "base" else 0.0
+        self._stop = stop = threading.Event()
+        try:  # generate checks every argument before the first token
+            stream = generate(self.model, self.tokenizer, prompt, mode=mode, alpha=alpha,
+                              decoder=self.decoder, store=self.store, index=self.index,
+                              k=self.k.value, knn_temperature=self.knn_temperature,
+                              stop_event=stop, **kw)
+        except ValueError as err:
+            return self._say(str(err))
+        turn = _Turn(text, MODE_LABELS[mode] + (f", α={alpha:g}" if mode != "base" else ""))
+        self._turns.append(turn)
+        self.last_prompt, self.input.value = prompt, ""
+        note = (f"The oldest {dropped} turn(s) no longer fit in the {budget}-token prompt "
+                "budget and were left out of the prompt (still shown above). "
+                if dropped else "")
+        self._say(note + "Answering... (Stop interrupts)")
+        base_kw = kw if self.compare.value and mode != "base" else None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        args=(turn, stream, prompt, base_kw, stop, note))
+        self._thread.start()
+        return self._thread
+
+    def stop(self) -> None:
+        """Ask the running answer to stop after the current token."""
+        if not self.busy:
+            return self._say("Nothing to stop: no answer is being written.")
+        self._stop.set()
+        self._say("Stopping after this token...")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the current answer is done; False if it is still running."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.busy
+
+    # --- the worker thread --------------------------------------------------------
+
+    def _stream_into(self, turn, attr, stream) -> tuple[list, bool]:
+        """Append each step's text to ``turn.<attr>``, re-rendering; (steps, cut)."""
+        steps = []
+        for step in stream:
+            steps.append(step)
+            text = getattr(turn, attr) + step.text
+            cut = _cut(text)
+            setattr(turn, attr, text if cut is None else cut)
+            self._render()
+            if cut is not None:
+                return steps, True
+        return steps, False
+
+    def _run(self, turn, stream, prompt, base_kw, stop, note) -> None:
+        tic, message = time.perf_counter(), ""
+        try:
+            steps, cut = self._stream_into(turn, "answer", stream)
+            seconds, self.last_steps = time.perf_counter() - tic, steps
+            stopped = stop.is_set() and not cut and not (steps and steps[-1].finished)
+            message = (f"{'Stopped by you' if stopped else 'Done'}: {len(steps)} tokens in "
+                       f"{seconds:.1f} s ({len(steps) / max(seconds, 1e-9):.1f} tokens/s).")
+            turn.notes += self._influence(steps) + self._sources(steps)
+            if base_kw is not None and not stop.is_set():
+                turn.base_answer = ""
+                self._stream_into(turn, "base_answer", generate(
+                    self.model, self.tokenizer, prompt, stop_event=stop, **base_kw))
+        except Exception as err:  # a sentence in the panel, never a traceback
+            message = f"The answer stopped early: {type(err).__name__}: {err}"
+        finally:
+            turn.streaming = False
+            self._render()
+            self._say(note + message)
+
+    def _influence(self, steps) -> list[str]:
+        """How many tokens differ from the base model's greedy choice (see top)."""
+        if not steps or steps[0].memory_top_id is None:
+            return []
+        layer = (self.store.manifest.get("layer", -1) if steps[0].doc_ids is not None
+                 else self.decoder.config.layer)  # the state that Step.key holds
+        if layer not in (None, -1):
+            return [f"(memory influence not measured: the memory reads layer {layer})"]
+        weight = self.model.get_output_embeddings().weight            # (V, D)
+        keys = torch.stack([s.key for s in steps]).to(weight)         # (N, D)
+        with torch.inference_mode():  # a final-logit softcap never moves the argmax
+            base_top = (keys @ weight.T).argmax(-1).tolist()          # (N,)
+        differ = [s for s, b in zip(steps, base_top) if s.token_id != b]
+        own = sum(s.token_id == s.memory_top_id for s in differ)
+        greedy = self.temperature.value == 0 or self.top_k.value == 1
+        why = ("greedy decoding: each is a flip by the memory" if greedy else
+               f"{own} of them the memory's top token; the rest is sampling")
+        return [f"Memory influence: {len(differ)} of {len(steps)} tokens "
+                f"({len(differ) / len(steps):.0%}) differ from the base model's greedy "
+                f"choice ({why})."]
+
+    def _sources(self, steps) -> list[str]:
+        """kNN provenance: the neighbours' documents, most frequent first."""
+        counts = Counter(d for s in steps for d in (s.doc_ids or []))
+        titles, total = self.doc_titles or [], sum(counts.values())
+        self.last_sources = [(titles[d] if d < len(titles) else f"document {d}", n)
+                             for d, n in counts.most_common()]
+        top = "; ".join(f"{t} ({n / max(total, 1):.0%})" for t, n in self.last_sources[:3])
+        return [f"Neighbours came from: {top}"] if total else []
+
+    # --- the view -----------------------------------------------------------------
+
+    def _render(self) -> None:
+        esc = lambda s: html.escape(s.strip(), quote=False)
+        rows = []
+        for t in self._turns:
+            cursor = " ▌" if t.streaming else ""
+            rows.append(f"<p><b>You:</b> {esc(t.user)}</p><p><b>Model ({esc(t.label)}):"
+                        f"</b> {esc(t.answer)}{cursor}</p>")
+            if t.base_answer is not None:
+                rows.append(f"<p style='color:#555'><b>α = 0 (base model):</b> "
+                            f"{esc(t.base_answer)}</p>")
+            rows += [f"<p style='color:#777;font-size:90%'>{esc(n)}</p>" for n in t.notes]
+        body = "".join(rows) or "<p style='color:#777'>No questions yet.</p>"
+        # column-reverse keeps the newest text in sight as the view scrolls
+        self.view.value = ("<div style='display:flex;flex-direction:column-reverse;"
+                           "height:320px;overflow-y:auto;white-space:pre-wrap;"
+                           "border:1px solid #ddd;padding:4px 8px'>"
+                           f"<div>{body}</div></div>")
