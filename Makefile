@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # pytorch.org's selector) before the first `make`.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup tutorial test bench clean-cache
+.PHONY: setup tutorial test bench app chromium clean-cache
 
 setup: $(VENV)/.installed
 
@@ -24,11 +24,29 @@ $(VENV)/.installed: pyproject.toml
 tutorial: setup
 	$(PY) scripts/run_tutorial.py
 
-test: setup
+test: setup chromium
 	MEMDEC_SMOKE=1 $(PY) -m pytest --nbval-lax tests notebooks
+
+# The real-browser test of the chat panel drives Debian's Chromium.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "The browser test needs: sudo apt-get install chromium chromium-driver"; \
+	  fi; \
+	fi
+
+# The chat panel of notebook 05 as a standalone web app.
+app: setup
+	$(VENV)/bin/voila notebooks/05_chat_panel.ipynb
 
 bench: setup
 	$(PY) benchmarks/bench_extraction.py
+	$(PY) benchmarks/bench_datastore.py
+	$(PY) benchmarks/bench_decoder.py
+	$(PY) benchmarks/bench_finetune.py
 
 clean-cache:
 	rm -rf data/cache data/artifacts

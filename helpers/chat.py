@@ -3,24 +3,19 @@
 Explained in ``notebooks/05_chat_panel.ipynb``.
 
 ``ChatPanel`` puts ``helpers.sampling.generate`` (notebook 04) behind
-ipywidgets: a conversation view, an input box, Send / Stop, and the knobs of
-notebook 04 (mode, alpha, temperature, top-k, K, max new tokens).  Generation
-runs in a background thread and writes each token into the view as it
-arrives; Stop sets the ``threading.Event`` that ``generate`` checks between
-two tokens.
+ipywidgets.  Generation runs in a background thread that writes each token
+into the view; Stop sets the ``threading.Event`` that ``generate`` checks
+between two tokens.  The base model is a plain LM over "Title / Question /
+Answer" legal text, so the conversation is written as ``Question: ...\n
+Answer: ...`` turns; the oldest leave the prompt when it outgrows the context
+window minus the new tokens (they stay on screen).
 
-The base model is a plain LM over "Title / Question / Answer" legal text, so
-the conversation is written as ``Question: ...\\nAnswer: ...`` turns.  When
-they no longer fit in the context window (minus the new tokens) the oldest
-turns are left out of the prompt; they stay on screen.
-
-How much did the memory change an answer?  For each generated token the
-panel asks what the base model alone would have picked greedily at the same
-prefix: ``argmax`` of the output embedding applied to the step's final hidden
-state (``Step.key``), one matrix product per answer.  With greedy decoding
-(temperature 0) every differing token is one where the memory flipped the
-argmax; with sampling some differences are the dice, so the report also says
-how many differing tokens were the memory's own top choice.
+What did the memory change?  For each generated token, the base model's
+greedy choice at the same prefix is ``argmax`` of the output embedding times
+the step's final hidden state (``Step.key``): one matrix product per answer.
+With temperature 0 every token that differs from it is one the memory
+flipped; with sampling some differences are the dice, so the report also says
+how many of them were the memory's own top token.
 """
 
 from __future__ import annotations
@@ -71,11 +66,8 @@ def build_prompt(turns, question: str, count_tokens, budget: int):
 
 
 def doc_titles_for(store, texts, titles):
-    """Titles of the store's documents, or ``None`` if ``texts`` did not build it.
-
-    ``texts``/``titles``: the training split in corpus order (notebook 02
-    stores ``texts[:num_docs]``); the manifest's corpus fingerprint decides.
-    """
+    """Titles of the store's documents (notebook 02 stores the first ``num_docs``
+    training texts), or ``None`` if the manifest's corpus fingerprint disagrees."""
     from .datastore import corpus_fingerprint
     n = int(store.manifest.get("num_docs", 0))
     if n > len(texts) or (corpus_fingerprint(list(texts[:n]))
@@ -141,12 +133,14 @@ class ChatPanel:
         self._turns, self._thread, self._stop = [], None, threading.Event()
         self.last_prompt, self.last_steps, self.last_sources = None, [], []
         said = self._collect = []  # messages until the panel exists, then one line
-        self.status, self.view = W.HTML(), W.HTML(layout=W.Layout(width="100%"))
+        self.status, self.view = W.HTML(), W.HTML()
         self.view.add_class("memdec-chat-view")
+        self.status.add_class("memdec-chat-status")
         self.input = W.Textarea(placeholder="Ask about EU law, e.g. What is personal data?",
-                                layout=W.Layout(width="100%", height="64px"))
-        self.send_button = W.Button(description="Send", button_style="primary")
-        self.stop_button = W.Button(description="Stop", button_style="warning")
+                                layout=W.Layout(flex="1 1 auto", width="auto", height="64px"))
+        button = W.Layout(width="80px")
+        self.send_button = W.Button(description="Send", button_style="primary", layout=button)
+        self.stop_button = W.Button(description="Stop", button_style="warning", layout=button)
         self.send_button.on_click(lambda _: self.send())
         self.stop_button.on_click(lambda _: self.stop())
         self.mode = W.Dropdown(description="mode", options=[
@@ -162,10 +156,13 @@ class ChatPanel:
             slider.report, slider.hint = self._say, hint
             setattr(self, name, slider)
         self.compare = W.Checkbox(description="also show the α = 0 answer", indent=False)
+        wrap = W.Layout(flex_flow="row wrap")  # narrow screens: controls wrap
         self.widget = W.VBox([
-            self.view, W.HBox([self.input, W.VBox([self.send_button, self.stop_button])]),
-            W.HBox([self.mode, self.alpha, self.temperature]),
-            W.HBox([self.top_k, self.k, self.max_new_tokens]), self.compare, self.status])
+            self.view, W.HBox([self.input, W.VBox([self.send_button, self.stop_button],
+                                                  layout=W.Layout(flex="0 0 auto"))]),
+            W.HBox([self.mode, self.alpha, self.temperature], layout=wrap),
+            W.HBox([self.top_k, self.k, self.max_new_tokens], layout=wrap),
+            self.compare, self.status])
         self.widget.add_class("memdec-chat")
         for name, value in settings.items():
             if name not in SLIDERS:
@@ -178,7 +175,7 @@ class ChatPanel:
         said += [MISSING[m] + "." for m, ok in self.available.items() if not ok]
         self._collect = None
         self._say(" ".join(said) or "Ready.")
-        self._sync_controls()
+        self.k.disabled = self.mode.value != "knn"
         self._render()
 
     # --- the controls -------------------------------------------------------------
@@ -192,11 +189,7 @@ class ChatPanel:
         if not self.available.get(change["new"], False):
             self._say(f"{MISSING[change['new']]}; staying in mode {change['old']!r}.")
             self.mode.value = change["old"]
-        self._sync_controls()
-
-    def _sync_controls(self) -> None:
-        self.alpha.disabled = self.mode.value == "base"
-        self.k.disabled = self.mode.value != "knn"
+        self.k.disabled = self.mode.value != "knn"  # alpha stays: base mode ignores it
 
     @property
     def busy(self) -> bool:
@@ -206,6 +199,11 @@ class ChatPanel:
     def history(self) -> list[tuple[str, str]]:
         """``(question, answer)`` pairs, oldest first (the newest may be streaming)."""
         return [(t.user, t.answer.strip()) for t in self._turns]
+
+    @property
+    def last_notes(self) -> list[str]:
+        """What the panel reported under the newest answer (influence, sources)."""
+        return list(self._turns[-1].notes) if self._turns else []
 
     # --- send / stop / wait -------------------------------------------------------
 
@@ -333,16 +331,17 @@ class ChatPanel:
 
     def _render(self) -> None:
         esc = lambda s: html.escape(s.strip(), quote=False)
+        p = "<p style='margin:2px 0 6px 0;{}'>".format  # compact paragraphs
         rows = []
         for t in self._turns:
             cursor = " ▌" if t.streaming else ""
-            rows.append(f"<p><b>You:</b> {esc(t.user)}</p><p><b>Model ({esc(t.label)}):"
-                        f"</b> {esc(t.answer)}{cursor}</p>")
+            rows.append(f"{p('')}<b>You:</b> {esc(t.user)}</p>{p('')}<b>Model "
+                        f"({esc(t.label)}):</b> {esc(t.answer)}{cursor}</p>")
             if t.base_answer is not None:
-                rows.append(f"<p style='color:#555'><b>α = 0 (base model):</b> "
+                rows.append(f"{p('color:#555')}<b>α = 0 (base model):</b> "
                             f"{esc(t.base_answer)}</p>")
-            rows += [f"<p style='color:#777;font-size:90%'>{esc(n)}</p>" for n in t.notes]
-        body = "".join(rows) or "<p style='color:#777'>No questions yet.</p>"
+            rows += [f"{p('color:#777;font-size:90%')}{esc(n)}</p>" for n in t.notes]
+        body = "".join(rows) or f"{p('color:#777')}No questions yet.</p>"
         # column-reverse keeps the newest text in sight as the view scrolls
         self.view.value = ("<div style='display:flex;flex-direction:column-reverse;"
                            "height:320px;overflow-y:auto;white-space:pre-wrap;"

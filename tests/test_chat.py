@@ -247,6 +247,7 @@ def test_old_turns_leave_the_prompt_when_the_context_is_full_and_the_panel_says_
 
 def test_modes_without_their_memory_are_unavailable_with_a_message(tiny):
     panel = panel_for(tiny)
+    assert panel.mode.value == "base" and panel.k.disabled
     assert "notebook 02" in status(panel) and "notebook 03" in status(panel)
     labels = dict((v, k) for k, v in panel.mode.options)
     assert "unavailable" in labels["knn"] and "unavailable" in labels["memdec"]
@@ -257,7 +258,7 @@ def test_modes_without_their_memory_are_unavailable_with_a_message(tiny):
 
 def test_a_panel_with_a_decoder_offers_memdec_but_not_knn(tiny, decoder):
     panel = panel_for(tiny, decoder=decoder, mode="memdec")
-    assert panel.mode.value == "memdec" and not panel.alpha.disabled
+    assert panel.mode.value == "memdec" and panel.k.disabled  # K is for kNN mode only
     assert "notebook 02" in status(panel) and "notebook 03" not in status(panel)
     ask(panel, "the data subject")
     assert panel.history[-1][1] and "Done" in status(panel)
@@ -297,7 +298,8 @@ def test_memory_influence_counts_the_tokens_the_memory_flipped(tiny, decoder, no
         ids = ids + [step.token_id]
     assert alpha > 0 or flips == 0
     n = len(panel.last_steps)
-    assert f"Memory influence: {flips} of {n} tokens" in html.unescape(panel.view.value)
+    assert f"Memory influence: {flips} of {n} tokens" in panel.last_notes[0]
+    assert panel.last_notes[0] in html.unescape(panel.view.value)
 
 
 def test_the_alpha_zero_answer_can_be_shown_side_by_side(tiny, decoder, no_eos):
