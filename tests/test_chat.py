@@ -17,13 +17,7 @@ from tests.test_sampling import TEXTS, make_decoder
 WAIT = 60  # seconds: a bound on every answer, never reached when things work
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second CPU thread only adds overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from tests.test_train_decoder import make_store
 STORE_VOCAB = [3, 5, 8, 13, 21]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second CPU thread only adds overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0, **knobs):

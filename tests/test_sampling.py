@@ -19,13 +19,7 @@ PROMPT = "the data subject shall have the right to obtain"
 TEXTS = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(0, 40, 5)]  # 8 docs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second CPU thread only adds overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

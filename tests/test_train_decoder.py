@@ -19,13 +19,7 @@ TOKENS = (3, 5, 8, 13, 21)  # the only next tokens in the tiny store
 VOCAB = 40                  # base vocabulary size
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second CPU thread only adds overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_store(folder, n=240, dim=32, n_docs=6, values=None, seed=0, **manifest):
