@@ -14,7 +14,6 @@ import ast
 import os
 import sys
 import time
-from pathlib import Path
 
 from helpers.paths import REPO_ROOT as ROOT, artifacts_dir
 

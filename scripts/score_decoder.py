@@ -6,7 +6,10 @@ Uses what notebooks 02 and 03 built on the embedded default (the datastore,
 the cached held-out pass, data/artifacts/memory_decoder): α and λ are chosen on
 the validation half, perplexities reported on the test half, as in notebook 03.
 """
-import time, numpy as np, torch
+import time
+
+import numpy as np
+
 from helpers.corpus import load_corpus, split_by_document
 from helpers.datastore import Datastore, default_store_path
 from helpers.decoder import load_decoder

@@ -14,6 +14,9 @@ WORDS = ("the data subject shall have the right to obtain from controller erasur
          "answer : . , ( ) 1 2 3").split()
 
 
+STORE_TEXTS = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(0, 40, 5)]  # 8 docs
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -63,3 +66,16 @@ def data_dir(tmp_path, monkeypatch):
     """Point the helpers' data folder at a fresh temporary directory."""
     monkeypatch.setenv("MEMDEC_DATA_DIR", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def store_index(tiny, tmp_path_factory):
+    """A datastore of the tiny model's own keys over STORE_TEXTS, with its exact index."""
+    from helpers.datastore import build_datastore
+    from helpers.index import build_index
+
+    model, tok = tiny
+    torch.set_num_threads(1)
+    store = build_datastore(model, tok, STORE_TEXTS, tmp_path_factory.mktemp("s") / "store",
+                            model_name="tiny-gemma", corpus_name="words")
+    return store, build_index(store, use_gpu=False)

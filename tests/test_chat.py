@@ -9,24 +9,14 @@ import torch
 
 import helpers.chat as chat
 from helpers.chat import ChatPanel, build_prompt, format_turn
-from helpers.datastore import build_datastore
-from helpers.index import build_index
 from helpers.sampling import Step, generate
-from tests.test_sampling import TEXTS, make_decoder
+from tests.conftest import STORE_TEXTS as TEXTS
+from tests.test_sampling import make_decoder
 
 WAIT = 60  # seconds: a bound on every answer, never reached when things work
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def store_index(tiny, tmp_path_factory):
-    model, tok = tiny
-    torch.set_num_threads(1)
-    store = build_datastore(model, tok, TEXTS, tmp_path_factory.mktemp("s") / "store",
-                            model_name="tiny-gemma", corpus_name="words")
-    return store, build_index(store, use_gpu=False)
 
 
 @pytest.fixture(scope="module")

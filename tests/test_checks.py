@@ -38,8 +38,6 @@ def test_knn_prob_check_accepts_a_stable_softmax(capsys):
 
 
 def test_knn_prob_check_rejects_counting_neighbours_without_weights():
-    import numpy as np
-
     from helpers.checks import check_knn_prob
 
     def unweighted(distances, values, target, temperature):
@@ -55,8 +53,6 @@ def test_sparse_kl_check_accepts_the_reference(capsys):
 
 
 def test_sparse_kl_check_rejects_cross_entropy_without_the_entropy_term():
-    import torch
-
     from helpers.checks import check_sparse_kl
 
     def cross_entropy(logq, cols, probs):

@@ -7,29 +7,16 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers.datastore import build_datastore
 from helpers.decoder import DecoderConfig, MemoryDecoder
 from helpers.hidden import extract_keys
-from helpers.index import build_index
 from helpers.sampling import (Step, _Detokenizer, blend_logits, generate, generate_text,
                               original_style_step, sample_next)
-from tests.conftest import WORDS, make_model
+from tests.conftest import make_model
 
 PROMPT = "the data subject shall have the right to obtain"
-TEXTS = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(0, 40, 5)]  # 8 docs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def store_index(tiny, tmp_path_factory):
-    """A datastore of the tiny model's own keys and its exact index."""
-    model, tok = tiny
-    torch.set_num_threads(1)
-    store = build_datastore(model, tok, TEXTS, tmp_path_factory.mktemp("s") / "store",
-                            model_name="tiny-gemma", corpus_name="words")
-    return store, build_index(store, use_gpu=False)
 
 
 def make_decoder(store, vocab_size, window=3, seed=0):
