@@ -15,7 +15,6 @@ Writes ``data/artifacts/bench_datastore.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from helpers.hidden import extract_keys
 from helpers.index import build_index
 from helpers.knn import search
 from helpers.model import EMBEDDED_MODEL, load_base_model
-from helpers.paths import artifacts_dir
+from helpers.paths import write_results
 
 
 def timed(fn):
@@ -102,11 +101,7 @@ def main() -> None:
         # k-recall@k: share of the exact top-k that the approximate top-k finds
         res[f"nprobe{nprobe}_recall{args.k}_at{args.k}"] = float(np.mean(
             [len(np.intersect1d(g, t)) / args.k for g, t in zip(got, truth)]))
-    out = artifacts_dir() / "bench_datastore.json"
-    out.write_text(json.dumps(res, indent=2))
-    for key, value in res.items():
-        print(f"{key:34s} {value:,.4g}" if isinstance(value, float) else f"{key:34s} {value}")
-    print(f"wrote {out}")
+    write_results("bench_datastore", res)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes ``data/artifacts/bench_decoder.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ from helpers.decoder import DecoderConfig, MemoryDecoder
 from helpers.index import load_or_build_index
 from helpers.knn import knn_distribution, lookup_values, search
 from helpers.model import EMBEDDED_MODEL, load_base_model
-from helpers.paths import artifacts_dir
+from helpers.paths import write_results
 from helpers.train_decoder import memdec_loss, precompute_knn_targets, window_batch
 
 K, T, DIM = 256, 300.0, 256
@@ -110,11 +109,7 @@ def main() -> None:
         res[f"ours_effective_samples_per_s_{epochs}ep"] = eff
         res[f"speedup_{epochs}ep_incl_precompute"] = eff / res["original_samples_per_s"]
     res["speedup_excl_precompute"] = res["ours_samples_per_s"] / res["original_samples_per_s"]
-    out = artifacts_dir() / "bench_decoder.json"
-    out.write_text(json.dumps(res, indent=2))
-    for key, value in res.items():
-        print(f"{key:38s} {value:,.4g}" if isinstance(value, float) else f"{key:38s} {value}")
-    print(f"wrote {out}")
+    write_results("bench_decoder", res)
 
 
 if __name__ == "__main__":

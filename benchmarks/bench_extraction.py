@@ -15,7 +15,6 @@ Writes ``data/artifacts/bench_extraction.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 
@@ -25,7 +24,7 @@ import torch
 from helpers.corpus import load_corpus
 from helpers.hidden import body, extract_keys
 from helpers.model import embedded_model_dir, load_base_model
-from helpers.paths import artifacts_dir
+from helpers.paths import write_results
 
 
 def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 3.0) -> float:
@@ -111,11 +110,7 @@ def main() -> None:
                         ("extract_fp32_unsorted", res["matmul_fp32_flops"]),
                         ("extract_bf16", res["matmul_bf16_flops"])]:
         res[f"{name}_roofline"] = res[f"{name}_tok_s"] * fpt / flops
-    out = artifacts_dir() / "bench_extraction.json"
-    out.write_text(json.dumps(res, indent=2))
-    for k, v in res.items():
-        print(f"{k:32s} {v:,.4g}" if isinstance(v, float) else f"{k:32s} {v}")
-    print(f"wrote {out}")
+    write_results("bench_extraction", res)
 
 
 if __name__ == "__main__":

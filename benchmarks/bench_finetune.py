@@ -12,13 +12,12 @@ notebook 03 shows when it does not fine-tune itself.
 from __future__ import annotations
 
 import argparse
-import json
 
 from helpers.corpus import load_corpus, split_by_document
 from helpers.finetune import finetune_body
 from helpers.knn import base_target_probs, perplexity
 from helpers.model import load_base_model
-from helpers.paths import artifacts_dir
+from helpers.paths import write_results
 
 
 def main() -> None:
@@ -43,11 +42,7 @@ def main() -> None:
            "tokens_per_second": stats["tokens_per_second"],
            "trainable_params": stats["trainable_params"], "test_tokens": len(p1),
            "first_loss": stats["losses"][0], "last_loss": stats["losses"][-1]}
-    out = artifacts_dir() / "bench_finetune.json"
-    out.write_text(json.dumps(res, indent=2))
-    for key, value in res.items():
-        print(f"{key:20s} {value:,.4g}" if isinstance(value, float) else f"{key:20s} {value}")
-    print(f"wrote {out}")
+    write_results("bench_finetune", res)
 
 
 if __name__ == "__main__":

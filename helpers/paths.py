@@ -103,3 +103,17 @@ def update_metrics(values: dict, path: Path | None = None, smoke: bool = False) 
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(merged, indent=2, sort_keys=True))
     return merged
+
+
+def write_results(name: str, results: dict) -> Path:
+    """Print a benchmark's figures and save them to ``data/artifacts/<name>.json``."""
+    import json
+
+    out = artifacts_dir() / f"{name}.json"
+    out.write_text(json.dumps(results, indent=2))
+    width = max(map(len, results)) + 2
+    for key, value in results.items():
+        shown = f"{value:,.4g}" if isinstance(value, float) else value
+        print(f"{key:{width}s} {shown}")
+    print(f"wrote {out}")
+    return out

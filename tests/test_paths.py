@@ -36,3 +36,12 @@ def test_smoke_runs_keep_their_metrics_apart_from_full_runs(data_dir):
     update_metrics({"base_ppl": 30.0}, smoke=True)
     full = json.loads((data_dir / "artifacts" / "metrics.json").read_text())
     assert full == {"base_ppl": 9.2}
+
+
+def test_benchmark_results_are_saved_as_json_and_printed(data_dir, capsys):
+    from helpers.paths import write_results
+
+    out = write_results("bench_x", {"tokens_per_second": 639.2, "threads": 2})
+    assert json.loads(out.read_text()) == {"tokens_per_second": 639.2, "threads": 2}
+    printed = capsys.readouterr().out
+    assert "tokens_per_second   639.2\nthreads             2\n" in printed
