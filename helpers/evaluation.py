@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .datastore import corpus_fingerprint
-from .knn import base_target_probs
+from .knn import base_target_probs, head_logits
 from .paths import atomic_file, cache_dir
 
 
@@ -86,15 +86,11 @@ def blend_curves(model, decoder, ev: HeldOut, rows: np.ndarray, alphas,
     from .train_decoder import window_batch
 
     alphas = [float(a) for a in alphas]
-    head = model.get_output_embeddings()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     idx = np.flatnonzero(rows)
     nll = {m: np.zeros(len(alphas)) for m in ("logits", "probs")}
     for i in range(0, len(idx), chunk):
         r = idx[i:i + chunk]
-        base = head(torch.from_numpy(np.ascontiguousarray(ev.keys[r]))).float()  # (C, V)
-        if cap:
-            base = torch.tanh(base / cap) * cap
+        base = head_logits(model, ev.keys[r])                                    # (C, V)
         x, pad = window_batch(ev.keys, ev.doc, r, decoder.config.window)
         mem = decoder.log_probs_full(x, pad)                                       # (C, V)
         target = torch.as_tensor(ev.values[r])[:, None]

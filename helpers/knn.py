@@ -137,6 +137,20 @@ def perplexity(probs_of_targets) -> float:
 
 
 @torch.inference_mode()
+def head_logits(model, keys) -> torch.Tensor:
+    """The base model's next-token logits ``(..., V)`` float32 from final keys.
+
+    Exactly what the model's own forward gives: the LM head, then Gemma's
+    final-logit soft cap when the config has one.
+    """
+    head = model.get_output_embeddings()
+    h = torch.as_tensor(np.ascontiguousarray(keys))
+    logits = head(h.to(head.weight.device, head.weight.dtype)).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.inference_mode()
 def base_target_probs(model, tokenizer, texts: list[str], window: int = 256,
                       overlap: int = 64, batch_size: int = 8,
                       head_chunk: int = 256) -> tuple[Extraction, np.ndarray]:
@@ -147,14 +161,9 @@ def base_target_probs(model, tokenizer, texts: list[str], window: int = 256,
     """
     ex = extract_keys(model, tokenizer, texts, layer=-1, window=window,
                       overlap=overlap, batch_size=batch_size)
-    head = model.get_output_embeddings()
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     out = np.empty(len(ex.values), np.float32)
     for i in range(0, len(out), head_chunk):
-        h = torch.from_numpy(ex.keys[i:i + head_chunk])      # (C, D)
-        logits = head(h.to(head.weight.device, head.weight.dtype)).float()  # (C, V)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap          # Gemma's soft cap
+        logits = head_logits(model, ex.keys[i:i + head_chunk])  # (C, V)
         target = torch.from_numpy(ex.values[i:i + head_chunk]).to(logits.device)
         logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
         out[i:i + head_chunk] = logp.exp().cpu().numpy()
