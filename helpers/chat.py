@@ -37,6 +37,8 @@ MODE_LABELS = {"base": "base model only", "knn": "kNN-LM (datastore)",
                "memdec": "Memory Decoder"}
 MISSING = {"knn": "kNN-LM mode needs the datastore and index that notebook 02 builds",
            "memdec": "Memory Decoder mode needs the checkpoint that notebook 03 trains"}
+NO_GATE = ("Adaptive α needs a trained gate: run section 6 of notebooks/04_blended_sampling.ipynb "
+           "(it saves data/artifacts/alpha_gate/) and pass gate=load_gate(...) to the panel")
 # attribute: (description, min, max, step, default, what the ends mean)
 SLIDERS = {"alpha": ("α", 0.0, 1.0, 0.05, 0.5, "0 = base model only, 1 = memory only"),
            "temperature": ("temperature", 0.0, 2.0, 0.05, 0.7, "0 = greedy"),
@@ -116,14 +118,16 @@ class ChatPanel:
 
     Keyword arguments set the controls' starting values; a memory that is not
     given (``store`` + ``index``, or ``decoder``) makes its mode unavailable.
+    With a ``gate`` (``helpers.gate.load_gate``) the "adaptive α" toggle lets
+    it set the Memory Decoder's weight per token; the α slider then scales it.
     ``doc_titles[i]`` names store document ``i`` in kNN provenance;
     ``context_window`` defaults to the model's ``max_position_embeddings``.
     """
 
     def __init__(self, model, tokenizer, *, store=None, index=None, decoder=None,
-                 doc_titles=None, mode="base", blend="probs", knn_temperature=300.0,
-                 seed=0, context_window=None, **settings):
-        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
+                 gate=None, adaptive=False, doc_titles=None, mode="base", blend="probs",
+                 knn_temperature=300.0, seed=0, context_window=None, **settings):
+        self.model, self.tokenizer, self.decoder, self.gate = model, tokenizer, decoder, gate
         self.store, self.index, self.doc_titles = store, index, doc_titles
         self.blend, self.knn_temperature, self.seed = blend, knn_temperature, seed
         self.context_window = (context_window or
@@ -156,13 +160,16 @@ class ChatPanel:
             slider.report, slider.hint = self._say, hint
             setattr(self, name, slider)
         self.compare = W.Checkbox(description="also show the α = 0 answer", indent=False)
+        self.adaptive = W.Checkbox(description="adaptive α (Memory Decoder: a gate sets "
+                                   "α per token, the slider scales it)", indent=False)
+        self.adaptive.observe(self._adaptive_changed, "value")
         wrap = W.Layout(flex_flow="row wrap")  # narrow screens: controls wrap
         self.widget = W.VBox([
             self.view, W.HBox([self.input, W.VBox([self.send_button, self.stop_button],
                                                   layout=W.Layout(flex="0 0 auto"))]),
             W.HBox([self.mode, self.alpha, self.temperature], layout=wrap),
             W.HBox([self.top_k, self.k, self.max_new_tokens], layout=wrap),
-            self.compare, self.status])
+            W.HBox([self.compare, self.adaptive], layout=wrap), self.status])
         self.widget.add_class("memdec-chat")
         for name, value in settings.items():
             if name not in SLIDERS:
@@ -173,6 +180,9 @@ class ChatPanel:
             said.append(f"mode must be one of {list(self.available)}; got {mode!r}.")
         self.mode.value = mode if mode in self.available else "base"
         said += [MISSING[m] + "." for m, ok in self.available.items() if not ok]
+        if adaptive and gate is None:
+            said.append(NO_GATE + ".")
+        self.adaptive.value = bool(adaptive and gate is not None)
         self._collect = None
         self._say(" ".join(said) or "Ready.")
         self.k.disabled = self.mode.value != "knn"
@@ -190,6 +200,14 @@ class ChatPanel:
             self._say(f"{MISSING[change['new']]}; staying in mode {change['old']!r}.")
             self.mode.value = change["old"]
         self.k.disabled = self.mode.value != "knn"  # alpha stays: base mode ignores it
+
+    def _adaptive_changed(self, change) -> None:
+        if change["new"] and self.gate is None:
+            self.adaptive.value = False
+            return self._say(NO_GATE + ".")
+        if change["new"]:
+            self._say("Adaptive α on: the gate sets the memory's weight per token "
+                      "(mode Memory Decoder); α scales it, 1 lets the gate decide alone.")
 
     @property
     def busy(self) -> bool:
@@ -228,15 +246,21 @@ class ChatPanel:
                   max_new_tokens=n_new, blend=self.blend, truncate_left=False,
                   seed=self.seed + len(self._turns))
         alpha = self.alpha.value if mode != "base" else 0.0
+        adaptive = self.adaptive.value and mode == "memdec"
+        if self.adaptive.value and mode == "knn":
+            return self._say("Adaptive α is trained for the Memory Decoder: switch the mode to "
+                             "Memory Decoder, or untick 'adaptive α' for kNN-LM.")
         self._stop = stop = threading.Event()
         try:  # generate checks every argument before the first token
             stream = generate(self.model, self.tokenizer, prompt, mode=mode, alpha=alpha,
                               decoder=self.decoder, store=self.store, index=self.index,
                               k=self.k.value, knn_temperature=self.knn_temperature,
-                              stop_event=stop, **kw)
+                              stop_event=stop, gate=self.gate, adaptive=adaptive, **kw)
         except ValueError as err:
             return self._say(str(err))
-        turn = _Turn(text, MODE_LABELS[mode] + (f", α={alpha:g}" if mode != "base" else ""))
+        label = (f", adaptive α ≤ {alpha:g}" if adaptive else
+                 f", α={alpha:g}" if mode != "base" else "")
+        turn = _Turn(text, MODE_LABELS[mode] + label)
         self._turns.append(turn)
         self.last_prompt, self.input.value = prompt, ""
         note = (f"The oldest {dropped} turn(s) no longer fit in the {budget}-token prompt "
@@ -285,7 +309,8 @@ class ChatPanel:
             stopped = stop.is_set() and not cut and not (steps and steps[-1].finished)
             message = (f"{'Stopped by you' if stopped else 'Done'}: {len(steps)} tokens in "
                        f"{seconds:.1f} s ({len(steps) / max(seconds, 1e-9):.1f} tokens/s).")
-            turn.notes += self._influence(steps) + self._sources(steps)
+            turn.notes += (self._influence(steps) + self._adaptive_note(steps)
+                           + self._sources(steps))
             if base_kw is not None and not stop.is_set():
                 turn.base_answer = ""
                 self._stream_into(turn, "base_answer", generate(
@@ -317,6 +342,14 @@ class ChatPanel:
         return [f"Memory influence: {len(differ)} of {len(steps)} tokens "
                 f"({len(differ) / len(steps):.0%}) differ from the base model's greedy "
                 f"choice ({why})."]
+
+    def _adaptive_note(self, steps) -> list[str]:
+        """Adaptive α: how much the memory spoke, on average and at most."""
+        if not steps or not self.adaptive.value or steps[0].memory_top_id is None:
+            return []
+        alphas = [s.alpha for s in steps]
+        return [f"Adaptive α: mean {sum(alphas) / len(alphas):.2f}, from {min(alphas):.2f} "
+                f"to {max(alphas):.2f} over {len(steps)} tokens."]
 
     def _sources(self, steps) -> list[str]:
         """kNN provenance: the neighbours' documents, most frequent first."""

@@ -111,7 +111,7 @@ class Step:
     logprob: float              # log p(token) under the blended distribution
     base_logprob: float         # log p_base(token)
     memory_top_id: int | None   # the memory's most likely token (None in mode "base")
-    alpha: float                # weight of the memory (0.0 in mode "base")
+    alpha: float                # weight of the memory (alpha_t when adaptive; 0.0 in "base")
     doc_ids: list[int] | None = None  # mode "knn": store doc of each neighbour
     truncated: int = 0          # prompt tokens cut from the left (first step only)
     finished: str | None = None  # "eos" or "max_new_tokens" on the last step
@@ -183,12 +183,15 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
              blend: str = "probs", temperature: float = 0.7, top_k: int | None = 50,
              max_new_tokens: int = 64, seed: int = 0, decoder=None, store=None,
              index=None, k: int = 32, knn_temperature: float = 300.0, stop_event=None,
-             truncate_left: bool = True):
+             truncate_left: bool = True, gate=None, adaptive: bool = False):
     """Yield one ``Step`` per new token, as soon as it is produced.
 
     Arguments are checked here, before the first token; iterate the result
     (``for step in generate(...)``) to run the model.  ``stop_event`` (a
-    ``threading.Event``) stops it between two tokens.
+    ``threading.Event``) stops it between two tokens.  ``adaptive=True``
+    (mode ``"memdec"``) lets a trained ``gate`` (``helpers.gate``) set the
+    memory's weight per token: ``alpha_t = alpha * gate(...)``, reported in
+    ``Step.alpha``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
@@ -200,6 +203,10 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
     config = model.config.get_text_config()
     _check_memory(model, mode, decoder, store, index, k, knn_temperature,
                   config.hidden_size)
+    if adaptive:
+        _check_adaptive(mode, gate, decoder)
+    else:
+        gate = None
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("The prompt is empty: type something for the model to continue.")
     limit = config.max_position_embeddings - max_new_tokens  # room left for the prompt
@@ -230,7 +237,20 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
     return _steps(model, tokenizer, ids, memory=memory, layer=layer, W=W, alpha=alpha,
                   blend=blend, temperature=temperature, top_k=top_k,
                   max_new_tokens=max_new_tokens, seed=seed, stop_event=stop_event,
-                  cut=cut)
+                  cut=cut, gate=gate)
+
+
+def _check_adaptive(mode, gate, decoder) -> None:
+    from .gate import NOTEBOOK as GATE_NOTEBOOK, check_gate
+    if mode != "memdec":
+        raise ValueError(f"adaptive α is trained on the Memory Decoder's signals; use "
+                         f"mode='memdec' with adaptive=True (mode {mode!r} takes a fixed "
+                         "alpha).")
+    if gate is None:
+        raise ValueError("adaptive=True needs gate=load_gate(folder): no α gate is trained "
+                         f"yet. Train one in {GATE_NOTEBOOK}; it is saved to "
+                         "data/artifacts/alpha_gate/.")
+    check_gate(gate, decoder)
 
 
 def _knn_memory(store, index, k: int, temperature: float, vocab_size: int):
@@ -256,7 +276,7 @@ def _forward_kwargs(model) -> tuple[str, dict]:
 
 @torch.inference_mode()
 def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature, top_k,
-           max_new_tokens, seed, stop_event, cut):
+           max_new_tokens, seed, stop_event, cut, gate=None):
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     eos, text = _eos_ids(model, tokenizer), _Detokenizer(tokenizer, ids)
@@ -283,12 +303,14 @@ def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature
             pad = (torch.arange(W, device=device) < W - len(window))[None]  # (1, W)
             mem, docs = memory(x, pad)                            # (1, V), docs
             mem = mem[0].to(device)                               # (V,)
-            logp, top = blend_logits(logits, mem, alpha, blend), int(mem.argmax())
+            a = alpha if gate is None else float(gate.alpha(logits, mem, alpha)[0])
+            logp, top = blend_logits(logits, mem, a, blend), int(mem.argmax())
         token = int(sample_next(logp, temperature, top_k, generator))
         finished = ("eos" if token in eos else
                     "max_new_tokens" if i == max_new_tokens - 1 else None)
         yield Step(i, token, text.push(token), float(logp[token]), float(base[token]),
-                   top, alpha, docs, cut if i == 0 else 0, finished, window[-1].cpu())
+                   top, alpha if memory is None else a, docs, cut if i == 0 else 0,
+                   finished, window[-1].cpu())
         if finished:
             return
         new_input = torch.tensor([[token]], device=device)

@@ -307,3 +307,45 @@ def test_an_answer_ends_where_the_model_starts_a_new_record(tiny, monkeypatch):
     panel = panel_for(tiny)
     assert ask(panel, "the data subject") == "Yes."
     assert len(panel.last_steps) == 4 and "Done" in status(panel)
+
+
+# --- adaptive α ---------------------------------------------------------------------
+
+def test_adaptive_without_a_gate_unticks_itself_and_says_how_to_train_one(tiny, decoder):
+    panel = panel_for(tiny, decoder=decoder, mode="memdec")
+    panel.adaptive.value = True
+    assert panel.adaptive.value is False
+    assert "section 6 of notebooks/04_blended_sampling.ipynb" in status(panel)
+    assert "trained gate" in status(panel_for(tiny, decoder=decoder, adaptive=True))
+
+
+def test_adaptive_answers_report_the_per_token_alpha(tiny, decoder, no_eos):
+    from helpers.gate import train_gate
+    from tests.test_gate import two_domains
+
+    gate, _ = train_gate(list(two_domains(n=50)), steps=5, decoder=decoder)
+    panel = panel_for(tiny, decoder=decoder, gate=gate, adaptive=True, mode="memdec",
+                      alpha=0.8, temperature=0, max_new_tokens=5)
+    assert panel.adaptive.value
+    ask(panel, "the data subject")
+    alphas = [s.alpha for s in panel.last_steps]
+    assert all(0 < a <= 0.8 for a in alphas)
+    note = next(n for n in panel.last_notes if n.startswith("Adaptive α"))
+    assert f"mean {sum(alphas) / len(alphas):.2f}" in note
+    assert "adaptive α ≤ 0.8" in html.unescape(panel.view.value)
+    panel.mode.value = "knn"  # unavailable without a store: stays memdec
+    assert panel.mode.value == "memdec"
+
+
+def test_adaptive_kNN_is_refused_and_the_question_kept(tiny, decoder, store_index):
+    from helpers.gate import train_gate
+    from tests.test_gate import two_domains
+
+    gate, _ = train_gate(list(two_domains(n=50)), steps=5, decoder=decoder)
+    store, index = store_index
+    panel = panel_for(tiny, decoder=decoder, gate=gate, store=store, index=index,
+                      adaptive=True, mode="knn")
+    panel.input.value = "the data subject"
+    assert panel.send() is None
+    assert "switch the mode to Memory Decoder" in status(panel)
+    assert panel.input.value == "the data subject" and panel.history == []

@@ -1,0 +1,263 @@
+"""Adaptive α: a small gate that decides, token by token, how much the memory speaks.
+
+Explained in ``notebooks/04_blended_sampling.ipynb`` (section 6).
+
+A fixed α trusts the Memory Decoder as much on a GDPR article as on a Python
+docstring, where the decoder (trained only on EU law) is confidently wrong.
+The gate turns signals the blended step already has into a per-token weight::
+
+    alpha_t = alpha * gate(features_t)          gate(.) in (0, 1)
+
+``alpha`` is the user's slider (a scale: at 1 the gate decides alone, at 0
+the base model speaks), and the features come from the two distributions that
+the step computes anyway, so the gate costs a few vector reductions per token
+and no search:
+
+==========================  ====================================================
+``base_entropy``            entropy of p_base (nats): is the base model unsure?
+``base_max_logp``           log of p_base's top probability
+``dec_entropy``             entropy of p_dec: does the memory know this context?
+``dec_max_logp``            log of p_dec's top probability
+``dec_logp_of_base_top``    log p_dec(base model's top token): do they agree?
+``base_logp_of_dec_top``    log p_base(decoder's top token)
+``overlap``                 sum_y min(p_base(y), p_dec(y)), from 0 to 1
+==========================  ====================================================
+
+The gate is trained like the interpolation weight of adaptive kNN-LMs (He et
+al. 2021): maximise the likelihood of the mixture
+``(1 - alpha_t) p_base(y) + alpha_t p_dec(y)`` of the true next token ``y``,
+on held-out in-domain text and on off-domain text, each domain weighted
+equally.  Neither the base model nor the decoder changes.
+
+Gates are saved as ``model.safetensors`` + ``config.json`` and record the
+decoder they were trained with (a hash of its weights) and the base model:
+a gate for another decoder is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import tokenizer_fingerprint
+from .paths import atomic_dir
+
+FEATURES = ("base_entropy", "base_max_logp", "dec_entropy", "dec_max_logp",
+            "dec_logp_of_base_top", "base_logp_of_dec_top", "overlap")
+NOTEBOOK = "notebooks/04_blended_sampling.ipynb (section 6)"
+PROB_FLOOR = 1e-12
+
+
+class GateMismatch(ValueError):
+    """The gate was trained for another decoder, base model or feature set."""
+
+
+def decoder_fingerprint(decoder) -> str:
+    """Short hash of a decoder's config and weights: equal hash, same decoder."""
+    digest = hashlib.sha256(json.dumps(asdict(decoder.config), sort_keys=True).encode())
+    for name, tensor in sorted(decoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor,
+                  names=FEATURES) -> torch.Tensor:
+    """The gate's inputs ``(N, F)`` from base logits and decoder log-probs ``(N, V)``.
+
+    ``dec_logp`` may hold a floor (e.g. -30) instead of ``-inf`` for tokens the
+    decoder cannot produce; it is renormalised here.
+    """
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown:
+        raise ValueError(f"unknown features {unknown}; choose from {FEATURES}.")
+    lb = torch.log_softmax(base_logits.float(), dim=-1)               # (N, V)
+    ld = torch.log_softmax(dec_logp.float().to(lb.device), dim=-1)    # (N, V)
+    pb, pd = lb.exp(), ld.exp()
+    top_b, top_d = lb.argmax(-1, keepdim=True), ld.argmax(-1, keepdim=True)  # (N, 1)
+    out = {
+        "base_entropy": lambda: -(pb * lb).sum(-1),
+        "base_max_logp": lambda: lb.gather(1, top_b)[:, 0],
+        "dec_entropy": lambda: -(pd * ld).sum(-1),
+        "dec_max_logp": lambda: ld.gather(1, top_d)[:, 0],
+        "dec_logp_of_base_top": lambda: ld.gather(1, top_b)[:, 0],
+        "base_logp_of_dec_top": lambda: lb.gather(1, top_d)[:, 0],
+        "overlap": lambda: torch.minimum(pb, pd).sum(-1),
+    }
+    return torch.stack([out[n]() for n in names], dim=1)              # (N, F)
+
+
+@dataclass
+class GateConfig:
+    features: list[str] = field(default_factory=lambda: list(FEATURES))
+    hidden: int = 16                          # width of the gate's one hidden layer
+    decoder_fingerprint: str | None = None    # decoder_fingerprint(decoder) at training
+    base_model_name: str | None = None
+    tokenizer_fingerprint: str | None = None
+
+    def __post_init__(self):
+        self.features = list(self.features)
+        unknown = [n for n in self.features if n not in FEATURES]
+        if unknown or not self.features:
+            raise ValueError(f"features must be a non-empty subset of {FEATURES}; "
+                             f"got {self.features}.")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1; got {self.hidden}.")
+
+
+class AlphaGate(nn.Module):
+    """``forward(features (N, F)) -> gate (N,)`` in (0, 1); ``alpha_t = alpha * gate``."""
+
+    def __init__(self, config: GateConfig | dict):
+        super().__init__()
+        if isinstance(config, dict):
+            config = GateConfig(**config)
+        self.config = config
+        n = len(config.features)
+        self.register_buffer("mean", torch.zeros(n))  # feature standardisation,
+        self.register_buffer("std", torch.ones(n))    # set from the training data
+        self.net = nn.Sequential(nn.Linear(n, config.hidden), nn.Tanh(),
+                                 nn.Linear(config.hidden, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        z = (features.float() - self.mean) / self.std
+        return torch.sigmoid(self.net(z))[:, 0]
+
+    @torch.inference_mode()
+    def alpha(self, base_logits: torch.Tensor, dec_logp: torch.Tensor,
+              scale: float = 1.0) -> torch.Tensor:
+        """``alpha_t (N,)`` for one or more steps: ``scale * gate(features)``."""
+        feats = gate_features(base_logits.reshape(-1, base_logits.shape[-1]),
+                              dec_logp.reshape(-1, dec_logp.shape[-1]), self.config.features)
+        return scale * self(feats.to(self.mean.device))
+
+
+def mixture_nll(alpha, p_base, p_dec) -> torch.Tensor:
+    """``-log((1 - alpha) p_base + alpha p_dec)`` per row (tensors, differentiable)."""
+    return -torch.log(((1 - alpha) * p_base + alpha * p_dec).clamp_min(PROB_FLOOR))
+
+
+def train_gate(domains: list[dict], *, features=FEATURES, hidden: int = 16,
+               steps: int = 400, lr: float = 0.02, weight_decay: float = 1e-3,
+               seed: int = 0, decoder=None, base_model_name: str | None = None,
+               tokenizer=None) -> tuple[AlphaGate, dict]:
+    """Fit a gate on ``domains``: one dict per domain with arrays ``features (N, F_all)``,
+    ``p_base (N,)``, ``p_dec (N,)`` (from ``gate_inputs``).
+
+    Full-batch AdamW on the mean mixture NLL of each domain, domains weighted
+    equally (so a small off-domain set counts as much as a large in-domain
+    one).  Returns the gate (eval mode) and ``{"loss": [...]}`` per step.
+    """
+    if not domains or any(len(d["p_base"]) == 0 for d in domains):
+        raise ValueError("train_gate needs at least one domain, each with rows.")
+    cols = [FEATURES.index(n) for n in features]
+    config = GateConfig(features=list(features), hidden=hidden,
+                        decoder_fingerprint=None if decoder is None
+                        else decoder_fingerprint(decoder),
+                        base_model_name=base_model_name,
+                        tokenizer_fingerprint=None if tokenizer is None
+                        else tokenizer_fingerprint(tokenizer))
+    data = [(torch.as_tensor(np.asarray(d["features"])[:, cols], dtype=torch.float32),
+             torch.as_tensor(d["p_base"], dtype=torch.float32),
+             torch.as_tensor(d["p_dec"], dtype=torch.float32)) for d in domains]
+    everything = torch.cat([x for x, _, _ in data])
+    if not torch.isfinite(everything).all():
+        raise ValueError("gate features contain NaN/inf; check the decoder's output.")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        gate = AlphaGate(config)
+    gate.mean.copy_(everything.mean(0))
+    gate.std.copy_(everything.std(0).clamp_min(1e-6))
+    opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
+    history = {"loss": []}
+    for _ in range(steps):
+        loss = sum(mixture_nll(gate(x), pb, pd).mean() for x, pb, pd in data) / len(data)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history["loss"].append(loss.item())
+    return gate.eval(), history
+
+
+@torch.inference_mode()
+def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128) -> dict:
+    """``features (N, F)``, ``p_base (N,)`` and ``p_dec (N,)`` of the true next tokens.
+
+    ``keys``/``doc``/``values`` as in ``helpers.hidden.Extraction`` (or a
+    ``HeldOut``).  Runs the base model's LM head and the decoder on ``chunk``
+    rows at a time: the ``(chunk, 262144)`` distributions stay small.
+    """
+    from .knn import head_logits
+    from .train_decoder import window_batch
+
+    n = len(values)
+    feats = np.empty((n, len(FEATURES)), np.float32)
+    p_base, p_dec = np.empty(n, np.float32), np.empty(n, np.float32)
+    for i in range(0, n, chunk):
+        rows = np.arange(i, min(i + chunk, n))
+        base = head_logits(model, np.asarray(keys)[rows])                  # (C, V)
+        x, pad = window_batch(keys, doc, rows, decoder.config.window)
+        dec = decoder.log_probs_full(x, pad)                               # (C, V)
+        feats[rows] = gate_features(base, dec).cpu().numpy()
+        y = torch.as_tensor(np.asarray(values)[rows])[:, None]
+        p_base[rows] = torch.log_softmax(base, -1).gather(1, y)[:, 0].exp().numpy()
+        p_dec[rows] = torch.log_softmax(dec, -1).gather(1, y)[:, 0].exp().numpy()
+    return {"features": feats, "p_base": p_base, "p_dec": p_dec}
+
+
+def save_gate(gate: AlphaGate, folder) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``folder`` (atomically)."""
+    from safetensors.torch import save_model
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        save_model(gate, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(asdict(gate.config), indent=2))
+    return folder
+
+
+def check_gate(gate: AlphaGate, decoder=None, base_model_name: str | None = None,
+               tokenizer=None) -> None:
+    """Raise ``GateMismatch`` unless ``gate`` was trained for this decoder and model."""
+    c = gate.config
+    checks = [("decoder", None if decoder is None else decoder_fingerprint(decoder),
+               c.decoder_fingerprint),
+              ("base model", base_model_name, c.base_model_name),
+              ("tokenizer", None if tokenizer is None else tokenizer_fingerprint(tokenizer),
+               c.tokenizer_fingerprint)]
+    if decoder is not None and decoder.config.base_model_name and c.base_model_name:
+        checks.append(("decoder's base model", decoder.config.base_model_name,
+                       c.base_model_name))
+    diffs = [f"the {name} is {here!r} here but {recorded!r} when the gate was trained"
+             for name, here, recorded in checks
+             if here is not None and recorded is not None and here != recorded]
+    if diffs:
+        raise GateMismatch("this α gate was trained for another setup: " + "; ".join(diffs) +
+                           f". Train a gate for this decoder in {NOTEBOOK} "
+                           "(helpers.gate.train_gate), or load the decoder it was trained with.")
+
+
+def load_gate(folder, *, decoder=None, base_model_name: str | None = None,
+              tokenizer=None) -> AlphaGate:
+    """Load a gate (eval mode), refusing one trained for another decoder or model."""
+    from safetensors.torch import load_model
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no α gate at {folder} (need config.json and "
+                                f"model.safetensors). Train one in {NOTEBOOK}, which saves "
+                                "it there with save_gate(gate, folder).")
+    raw = json.loads((folder / "config.json").read_text())
+    known = {f.name for f in fields(GateConfig)}
+    if not isinstance(raw, dict) or "features" not in raw:
+        raise ValueError(f"{folder / 'config.json'} is not an α gate config; save gates "
+                         "with save_gate(gate, folder).")
+    gate = AlphaGate(GateConfig(**{k: v for k, v in raw.items() if k in known}))
+    load_model(gate, str(folder / "model.safetensors"), strict=True)
+    check_gate(gate, decoder, base_model_name, tokenizer)
+    return gate.eval()

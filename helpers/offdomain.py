@@ -1,0 +1,129 @@
+"""Off-domain text: where the EU-law memory should keep quiet.
+
+Explained in ``notebooks/04_blended_sampling.ipynb`` (section 6).  The
+adaptive α gate (``helpers.gate``) has to see text on which the memory is
+*not* relevant, and we need such text offline, without the Hugging Face Hub.
+Two real sources come with every machine that runs this tutorial:
+
+* **Python documentation**: the docstrings of ~55 standard-library modules
+  (the module's own docstring, then the first paragraph of each public class
+  and function), written by the Python developers.  Technical English, far
+  from EU law.  Read from the running interpreter, so the text follows its
+  version (recorded in each record's ``source``).
+* **Software licences**: the licence texts Debian and Ubuntu ship in
+  ``/usr/share/common-licenses`` (GPL, LGPL, Apache, MPL, GFDL, ...; Colab
+  has them too).  Legal text from another legal domain: the harder case, the
+  one a legal memory could mistake for its own.  Skipped where the folder
+  does not exist (macOS, Windows).
+
+Records have the corpus's shape (title, question, answer, text), so the base
+model reads them in the same ``Title / Question / Answer`` format as the EU
+articles: only the content is off-domain.  Each answer keeps its first
+``max_chars`` characters (1,500 by default, ~350 tokens): the gate needs many
+documents more than long ones.  ``split_offdomain`` holds out every other
+document for testing the gate.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import platform
+from pathlib import Path
+
+from .corpus import CorpusError, format_record
+
+STDLIB_MODULES = (
+    "argparse", "base64", "calendar", "collections", "contextlib", "copy", "csv",
+    "dataclasses", "difflib", "enum", "functools", "hashlib", "heapq", "http.client",
+    "inspect", "io", "itertools", "json", "locale", "logging", "mailbox", "os",
+    "pprint", "random", "re", "sched", "shutil", "socket", "sqlite3", "ssl",
+    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "timeit", "typing", "unittest", "urllib.parse", "uuid", "wave",
+    "zipfile")
+LICENCE_DIR = Path("/usr/share/common-licenses")
+MIN_CHARS = 400  # shorter documents are skipped: too little text to score
+
+
+def _module_doc(name: str) -> str:
+    """A module's docstring, then ``name: first paragraph`` of its public API."""
+    mod = importlib.import_module(name)
+    parts = [inspect.cleandoc(mod.__doc__ or "")]
+    names = getattr(mod, "__all__", None) or dir(mod)
+    for attr in sorted(n for n in names if not n.startswith("_")):
+        obj = getattr(mod, attr, None)
+        if ((inspect.isclass(obj) or inspect.isfunction(obj))
+                and getattr(obj, "__module__", None) == mod.__name__ and obj.__doc__):
+            parts.append(f"{attr}: " + inspect.cleandoc(obj.__doc__).split("\n\n")[0])
+    return "\n\n".join(p for p in parts if p)
+
+
+def _python_records(max_chars: int) -> list[dict]:
+    version = platform.python_version()
+    records = []
+    for name in STDLIB_MODULES:
+        try:
+            text = _module_doc(name)
+        except ImportError:  # a minimal Python build may lack e.g. ssl or sqlite3
+            continue
+        if len(text) < MIN_CHARS:
+            continue
+        records.append(dict(
+            doc_id=f"python-{name}", source=f"Python {version} standard library docstrings",
+            title=f"Python standard library, module {name}",
+            question=f"What does the Python module {name} provide?",
+            answer=text[:max_chars]))
+    return records
+
+
+def _licence_records(max_chars: int, folder: Path = LICENCE_DIR) -> list[dict]:
+    if not folder.is_dir():
+        return []
+    records = []
+    for path in sorted(folder.iterdir()):
+        if path.is_symlink() or not path.is_file():  # GPL -> GPL-3 etc.: once is enough
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if len(text) < MIN_CHARS:
+            continue
+        records.append(dict(
+            doc_id=f"licence-{path.name}", source=f"software licence ({folder})",
+            title=f"Software licence {path.name}",
+            question=f"What are the terms of the {path.name} licence?",
+            answer=text[:max_chars]))
+    return records
+
+
+def load_offdomain(max_chars: int = 1500, limit: int | None = None,
+                   licence_dir: Path | str = LICENCE_DIR):
+    """Off-domain records as a ``datasets.Dataset`` (title/question/answer/text/doc_id/source).
+
+    Python documentation first, then software licences, each in a fixed
+    order; ``limit`` keeps the first ``limit`` of each source.
+    """
+    from datasets import Dataset
+
+    if max_chars < MIN_CHARS:
+        raise ValueError(f"max_chars must be >= {MIN_CHARS}; got {max_chars}.")
+    python = _python_records(max_chars)
+    licences = _licence_records(max_chars, Path(licence_dir))
+    records = python[:limit] + licences[:limit]
+    if not records:
+        raise CorpusError("No off-domain text found: the standard-library docstrings are "
+                          "missing (python -OO strips them; run without -OO).")
+    for r in records:
+        r["text"] = format_record(r["title"], r["question"], r["answer"])
+    return Dataset.from_list(records)
+
+
+def split_offdomain(ds):
+    """``{"gate": ..., "test": ...}``: even documents train the gate, odd ones test it.
+
+    Alternating keeps both sources in both halves.
+    """
+    from datasets import DatasetDict
+
+    if len(ds) < 2:
+        raise ValueError("Need at least 2 off-domain documents to split.")
+    return DatasetDict(gate=ds.select(range(0, len(ds), 2)),
+                       test=ds.select(range(1, len(ds), 2)))
