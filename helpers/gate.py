@@ -51,6 +51,7 @@ from .paths import atomic_dir
 FEATURES = ("base_entropy", "base_max_logp", "dec_entropy", "dec_max_logp",
             "dec_logp_of_base_top", "base_logp_of_dec_top", "overlap")
 NOTEBOOK = "notebooks/04_blended_sampling.ipynb (section 6)"
+DEC_FLOOR = -30.0  # log p_dec of a token outside the decoder's head (as log_probs_full)
 PROB_FLOOR = 1e-12
 
 
@@ -68,28 +69,40 @@ def decoder_fingerprint(decoder) -> str:
 
 
 @torch.inference_mode()
-def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor,
-                  names=FEATURES) -> torch.Tensor:
-    """The gate's inputs ``(N, F)`` from base logits and decoder log-probs ``(N, V)``.
+def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor, names=FEATURES,
+                  vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """The gate's inputs ``(N, F)`` from base logits ``(N, V)`` and decoder log-probs.
 
-    ``dec_logp`` may hold a floor (e.g. -30) instead of ``-inf`` for tokens the
-    decoder cannot produce; it is renormalised here.
+    ``dec_logp`` is ``(N, V)`` over the base vocabulary (a floor such as -30
+    instead of ``-inf`` is fine: it is renormalised here), or, with ``vocab``
+    (sorted token ids ``(V_s,)``), ``(N, V_s)`` over those tokens only, every
+    other token having probability 0: the cheap form for a decoder whose head
+    covers the datastore's vocabulary.  Both forms give the same features.
     """
     unknown = [n for n in names if n not in FEATURES]
     if unknown:
         raise ValueError(f"unknown features {unknown}; choose from {FEATURES}.")
     lb = torch.log_softmax(base_logits.float(), dim=-1)               # (N, V)
-    ld = torch.log_softmax(dec_logp.float().to(lb.device), dim=-1)    # (N, V)
+    ld = torch.log_softmax(dec_logp.float().to(lb.device), dim=-1)    # (N, V) or (N, V_s)
     pb, pd = lb.exp(), ld.exp()
-    top_b, top_d = lb.argmax(-1, keepdim=True), ld.argmax(-1, keepdim=True)  # (N, 1)
+    top_b = lb.argmax(-1, keepdim=True)                               # (N, 1) base token id
+    top_d = ld.argmax(-1, keepdim=True)                               # (N, 1) column of ld
+    if vocab is None:
+        ld_at_top_b, top_d_id, pb_cols = ld.gather(1, top_b), top_d, pb
+    else:
+        vocab = torch.as_tensor(vocab, device=lb.device)
+        col = torch.searchsorted(vocab, top_b).clamp(max=len(vocab) - 1)  # (N, 1)
+        found = vocab[col] == top_b
+        ld_at_top_b = torch.where(found, ld.gather(1, col), torch.full_like(lb[:, :1], DEC_FLOOR))
+        top_d_id, pb_cols = vocab[top_d], pb[:, vocab]                # (N, 1), (N, V_s)
     out = {
         "base_entropy": lambda: -(pb * lb).sum(-1),
         "base_max_logp": lambda: lb.gather(1, top_b)[:, 0],
         "dec_entropy": lambda: -(pd * ld).sum(-1),
         "dec_max_logp": lambda: ld.gather(1, top_d)[:, 0],
-        "dec_logp_of_base_top": lambda: ld.gather(1, top_b)[:, 0],
-        "base_logp_of_dec_top": lambda: lb.gather(1, top_d)[:, 0],
-        "overlap": lambda: torch.minimum(pb, pd).sum(-1),
+        "dec_logp_of_base_top": lambda: ld_at_top_b[:, 0],
+        "base_logp_of_dec_top": lambda: lb.gather(1, top_d_id)[:, 0],
+        "overlap": lambda: torch.minimum(pb_cols, pd).sum(-1),
     }
     return torch.stack([out[n]() for n in names], dim=1)              # (N, F)
 
@@ -200,15 +213,23 @@ def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128) -> dict:
     n = len(values)
     feats = np.empty((n, len(FEATURES)), np.float32)
     p_base, p_dec = np.empty(n, np.float32), np.empty(n, np.float32)
+    sparse = decoder.config.head == "store"  # head over the store's tokens: (C, V_s) suffices
     for i in range(0, n, chunk):
         rows = np.arange(i, min(i + chunk, n))
         base = head_logits(model, np.asarray(keys)[rows])                  # (C, V)
         x, pad = window_batch(keys, doc, rows, decoder.config.window)
-        dec = decoder.log_probs_full(x, pad)                               # (C, V)
-        feats[rows] = gate_features(base, dec).cpu().numpy()
-        y = torch.as_tensor(np.asarray(values)[rows])[:, None]
+        y = torch.as_tensor(np.asarray(values)[rows])[:, None]             # (C, 1)
+        if sparse:
+            dec = torch.log_softmax(decoder(x, pad).float(), -1)           # (C, V_s)
+            feats[rows] = gate_features(base, dec, vocab=decoder.vocab).cpu().numpy()
+            col = decoder.head_index(y[:, 0])[:, None]
+            got = dec.gather(1, col.clamp(min=0))
+            p_dec[rows] = torch.where(col >= 0, got, DEC_FLOOR)[:, 0].exp().numpy()
+        else:
+            dec = decoder.log_probs_full(x, pad)                           # (C, V)
+            feats[rows] = gate_features(base, dec).cpu().numpy()
+            p_dec[rows] = torch.log_softmax(dec, -1).gather(1, y)[:, 0].exp().numpy()
         p_base[rows] = torch.log_softmax(base, -1).gather(1, y)[:, 0].exp().numpy()
-        p_dec[rows] = torch.log_softmax(dec, -1).gather(1, y)[:, 0].exp().numpy()
     return {"features": feats, "p_base": p_base, "p_dec": p_dec}
 
 

@@ -180,3 +180,15 @@ def test_a_gate_is_a_small_network():
     assert sum(p.numel() for p in gate.parameters()) < 200
     out = gate(torch.randn(7, len(FEATURES)))
     assert out.shape == (7,) and ((out > 0) & (out < 1)).all()
+
+
+def test_the_sparse_form_over_a_head_vocabulary_gives_the_same_features():
+    torch.manual_seed(0)
+    V, vocab = 40, torch.tensor([2, 5, 11, 17, 30, 31])
+    base = torch.randn(6, V) * 3
+    base[0, 11] = 20.0  # row 0: the base model's top token is in the decoder's vocabulary
+    head = torch.log_softmax(torch.randn(6, len(vocab)) * 2, -1)   # (N, V_s)
+    full = torch.full((6, V), -30.0)
+    full[:, vocab] = head
+    torch.testing.assert_close(gate_features(base, head, vocab=vocab),
+                               gate_features(base, full), atol=1e-5, rtol=1e-4)

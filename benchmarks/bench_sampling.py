@@ -1,0 +1,112 @@
+"""Benchmark: per-token generation latency of each mode, in one run.
+
+    python benchmarks/bench_sampling.py [--context 200] [--tokens 24] [--repeats 3]
+
+On the embedded model with the full datastore (notebook 02) and the trained
+decoder (notebook 03; the gate of notebook 04 if it exists), after a
+``--context``-token prompt taken from a training article:
+
+* base:      ``generate(mode="base")``: one KV-cached forward per token;
+* kNN-LM:    ``generate(mode="knn", k=32)``: the same plus a Flat search;
+* memdec:    ``generate(mode="memdec")``: the same plus the decoder, no search;
+* adaptive:  memdec with the α gate (skipped without a trained gate);
+* original:  ``original_style_step``: no cache, two full forwards per token
+  over the whole prefix, logits at every position (the seed tutorial).
+
+Per-token time is the wall time between two yielded tokens (the prompt's
+forward, the first step, is excluded), the median over ``--repeats``
+interleaved rounds, so every mode sees the same machine load.  Ratios are
+against base in the same run.  Writes ``data/artifacts/bench_sampling.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from helpers.corpus import load_corpus, split_by_document
+from helpers.datastore import Datastore, default_store_path
+from helpers.decoder import load_decoder
+from helpers.index import load_or_build_index
+from helpers.model import EMBEDDED_MODEL, load_base_model
+from helpers.paths import artifacts_dir, write_results
+from helpers.sampling import generate, original_style_step
+
+
+def per_token_ms(stream) -> float:
+    """Mean ms between consecutive tokens of a ``generate`` stream (first excluded)."""
+    stamps = []
+    for _ in stream:
+        stamps.append(time.perf_counter())
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+
+
+@torch.inference_mode()
+def original_ms(model, ids, decoder, tokens: int) -> float:
+    tic = time.perf_counter()
+    for _ in range(tokens):
+        nxt = original_style_step(model, ids, decoder, 0.5)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return (time.perf_counter() - tic) / tokens * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=200)
+    ap.add_argument("--tokens", type=int, default=24, help="new tokens per measurement")
+    ap.add_argument("--original-tokens", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--k", type=int, default=32)
+    args = ap.parse_args()
+
+    model, tok = load_base_model(EMBEDDED_MODEL)
+    texts = list(split_by_document(load_corpus("eu-law"))["train"]["text"])
+    long = next(t for t in texts if len(tok(t)["input_ids"]) > args.context + 10)
+    ids = tok(long)["input_ids"][:args.context]
+    prompt = tok.decode(ids[1:])  # without BOS: generate adds it back
+    path = default_store_path(EMBEDDED_MODEL, "eu-law")
+    if not (path / "manifest.json").exists():
+        raise SystemExit(f"No datastore at {path}: run notebooks/02_datastore_knn_lm.ipynb.")
+    store = Datastore.open(path)
+    index = load_or_build_index(store)
+    decoder = load_decoder(artifacts_dir() / "memory_decoder", base_model_name=EMBEDDED_MODEL,
+                           tokenizer=tok, store=store)
+    gate = None
+    if (artifacts_dir() / "alpha_gate" / "config.json").exists():
+        from helpers.gate import load_gate
+        gate = load_gate(artifacts_dir() / "alpha_gate", decoder=decoder)
+
+    common = dict(temperature=0, top_k=None, max_new_tokens=args.tokens + 1, seed=0)
+    runs = {"base": dict(mode="base"),
+            "knn": dict(mode="knn", store=store, index=index, k=args.k, alpha=0.5),
+            "memdec": dict(mode="memdec", decoder=decoder, alpha=0.5)}
+    if gate is not None:
+        runs["adaptive"] = dict(mode="memdec", decoder=decoder, alpha=1.0, gate=gate,
+                                adaptive=True)
+    per_mode = {name: [] for name in [*runs, "original"]}
+    original_ids = torch.tensor([tok(prompt)["input_ids"]])
+    per_token_ms(generate(model, tok, prompt, **common, **runs["base"]))  # warm-up
+    for _ in range(args.repeats):
+        for name, kw in runs.items():
+            # every token must be generated: the end token would cut the run short
+            stream = generate(model, tok, prompt, **common, **kw)
+            per_mode[name].append(per_token_ms(stream))
+        per_mode["original"].append(original_ms(model, original_ids, decoder,
+                                                args.original_tokens))
+    ms = {name: statistics.median(v) for name, v in per_mode.items()}
+    results = {"context_tokens": len(original_ids[0]), "new_tokens": args.tokens,
+               "repeats": args.repeats, "threads": torch.get_num_threads(),
+               **{f"{name}_ms_per_token": round(v, 2) for name, v in ms.items()},
+               "memdec_over_base": ms["memdec"] / ms["base"],
+               "knn_over_base": ms["knn"] / ms["base"],
+               "original_over_memdec": ms["original"] / ms["memdec"]}
+    if "adaptive" in ms:
+        results["adaptive_over_base"] = ms["adaptive"] / ms["base"]
+    write_results("bench_sampling", results)
+
+
+if __name__ == "__main__":
+    main()
