@@ -186,3 +186,9 @@ def use_the_panel(browser, url):
     assert answer, f"no answer text after the question:\n{view()}"
     if "α=" in turn:  # a memory mode: the answer used the α set above
         assert f"α={float(readout()):g}" in turn
+
+    # the adaptive α toggle answers in the status line: on (a gate exists) or how to train one
+    box = panel.find_element(By.XPATH, ".//label[contains(., 'adaptive α')]//input")
+    box.click()
+    wait_for(lambda: status().startswith("Adaptive α"), "the adaptive toggle's message", 10)
+    assert box.is_selected() == ("Adaptive α on" in status()), status()
