@@ -42,7 +42,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .model import tokenizer_fingerprint
-from .paths import atomic_dir
+from .paths import save_checkpoint
 
 HEADS = ("store", "tied", "full")
 NOTEBOOK = "notebooks/03_train_memory_decoder.ipynb"
@@ -217,12 +217,7 @@ class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
 
 def save_decoder(decoder: MemoryDecoder, folder) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``folder`` (atomically)."""
-    from safetensors.torch import save_model
-    folder = Path(folder)
-    with atomic_dir(folder) as tmp:
-        save_model(decoder, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(asdict(decoder.config), indent=2))
-    return folder
+    return save_checkpoint(decoder, asdict(decoder.config), folder)
 
 
 def _read_config(folder: Path) -> DecoderConfig:

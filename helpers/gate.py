@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .model import tokenizer_fingerprint
-from .paths import atomic_dir
+from .paths import save_checkpoint
 
 FEATURES = ("base_entropy", "base_max_logp", "dec_entropy", "dec_max_logp",
             "dec_logp_of_base_top", "base_logp_of_dec_top", "overlap")
@@ -235,12 +235,7 @@ def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128) -> dict:
 
 def save_gate(gate: AlphaGate, folder) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``folder`` (atomically)."""
-    from safetensors.torch import save_model
-    folder = Path(folder)
-    with atomic_dir(folder) as tmp:
-        save_model(gate, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(asdict(gate.config), indent=2))
-    return folder
+    return save_checkpoint(gate, asdict(gate.config), folder)
 
 
 def check_gate(gate: AlphaGate, decoder=None, base_model_name: str | None = None,

@@ -58,40 +58,30 @@ def _module_doc(name: str) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def _python_records(max_chars: int) -> list[dict]:
-    version = platform.python_version()
-    records = []
+def _python_docs():
+    """``(module name, docstrings)`` for each standard-library module this Python has."""
     for name in STDLIB_MODULES:
         try:
-            text = _module_doc(name)
+            yield name, _module_doc(name)
         except ImportError:  # a minimal Python build may lack e.g. ssl or sqlite3
             continue
-        if len(text) < MIN_CHARS:
-            continue
-        records.append(dict(
-            doc_id=f"python-{name}", source=f"Python {version} standard library docstrings",
-            title=f"Python standard library, module {name}",
-            question=f"What does the Python module {name} provide?",
-            answer=text[:max_chars]))
-    return records
 
 
-def _licence_records(max_chars: int, folder: Path = LICENCE_DIR) -> list[dict]:
+def _licence_texts(folder: Path):
+    """``(file name, text)`` of each licence file in ``folder`` (links skipped)."""
     if not folder.is_dir():
-        return []
-    records = []
+        return
     for path in sorted(folder.iterdir()):
         if path.is_symlink() or not path.is_file():  # GPL -> GPL-3 etc.: once is enough
             continue
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
-        if len(text) < MIN_CHARS:
-            continue
-        records.append(dict(
-            doc_id=f"licence-{path.name}", source=f"software licence ({folder})",
-            title=f"Software licence {path.name}",
-            question=f"What are the terms of the {path.name} licence?",
-            answer=text[:max_chars]))
-    return records
+        yield path.name, path.read_text(encoding="utf-8", errors="replace").strip()
+
+
+def _records(pairs, max_chars: int, doc_id, source, title, question) -> list[dict]:
+    """Corpus records from ``(name, text)`` pairs; the str.format templates get ``name``."""
+    return [dict(doc_id=doc_id.format(name=n), source=source, title=title.format(name=n),
+                 question=question.format(name=n), answer=text[:max_chars])
+            for n, text in pairs if len(text) >= MIN_CHARS]
 
 
 def load_offdomain(max_chars: int = 1500, limit: int | None = None,
@@ -105,8 +95,13 @@ def load_offdomain(max_chars: int = 1500, limit: int | None = None,
 
     if max_chars < MIN_CHARS:
         raise ValueError(f"max_chars must be >= {MIN_CHARS}; got {max_chars}.")
-    python = _python_records(max_chars)
-    licences = _licence_records(max_chars, Path(licence_dir))
+    python = _records(_python_docs(), max_chars, "python-{name}",
+                      f"Python {platform.python_version()} standard library docstrings",
+                      "Python standard library, module {name}",
+                      "What does the Python module {name} provide?")
+    licences = _records(_licence_texts(Path(licence_dir)), max_chars, "licence-{name}",
+                        f"software licence ({licence_dir})", "Software licence {name}",
+                        "What are the terms of the {name} licence?")
     records = python[:limit] + licences[:limit]
     if not records:
         raise CorpusError("No off-domain text found: the standard-library docstrings are "

@@ -89,6 +89,22 @@ def atomic_file(target: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def save_checkpoint(module, config: dict, folder) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``folder`` (atomically).
+
+    The checkpoint format of the decoder and the α gate: weights without
+    pickle, and a JSON config a person can read.
+    """
+    import json
+
+    from safetensors.torch import save_model
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        save_model(module, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def update_metrics(values: dict, path: Path | None = None, smoke: bool = False) -> dict:
     """Merge ``values`` into ``data/artifacts/metrics.json`` (atomically).
 
