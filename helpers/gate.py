@@ -144,11 +144,15 @@ class AlphaGate(nn.Module):
         return torch.sigmoid(self.net(z))[:, 0]
 
     @torch.inference_mode()
-    def alpha(self, base_logits: torch.Tensor, dec_logp: torch.Tensor,
-              scale: float = 1.0) -> torch.Tensor:
-        """``alpha_t (N,)`` for one or more steps: ``scale * gate(features)``."""
+    def alpha(self, base_logits: torch.Tensor, dec_logp: torch.Tensor, scale: float = 1.0,
+              vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """``alpha_t (N,)`` for one or more steps: ``scale * gate(features)``.
+
+        ``dec_logp`` and ``vocab`` as in ``gate_features`` (dense, or over ``vocab``).
+        """
         feats = gate_features(base_logits.reshape(-1, base_logits.shape[-1]),
-                              dec_logp.reshape(-1, dec_logp.shape[-1]), self.config.features)
+                              dec_logp.reshape(-1, dec_logp.shape[-1]), self.config.features,
+                              vocab)
         return scale * self(feats.to(self.mean.device))
 
 

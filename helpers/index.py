@@ -12,6 +12,7 @@ faiss is imported inside the functions: importing helpers stays cheap.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -115,32 +116,46 @@ def _structure_on_disk(dim: int, factory: str) -> str:
     return describe_index(faiss.deserialize_index(faiss.serialize_index(empty)))
 
 
+def index_files(store: Datastore, factory: str | None = None) -> tuple[Path, Path]:
+    """``(index file, its JSON sidecar)`` in the store folder for ``factory``.
+
+    ``Flat`` (the default) is ``index.faiss``; every other factory has files
+    of its own, e.g. ``index-IVF1024_Flat.faiss``, so a fast approximate index
+    for generation can sit next to the exact one used for evaluation.
+    """
+    if factory in (None, "Flat"):
+        return store.path / "index.faiss", store.path / "index.json"
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", factory).strip("_")
+    return store.path / f"index-{slug}.faiss", store.path / f"index-{slug}.json"
+
+
 def save_index(index, store: Datastore, factory: str | None = None) -> Path:
-    """Write ``index.faiss`` (+ ``index.json`` with its sha256) into the store."""
+    """Write the index (+ a JSON sidecar with its sha256) into the store folder."""
     import faiss
     cpu = faiss.index_gpu_to_cpu(index) if _on_gpu(index) else index
-    target = store.path / "index.faiss"
+    target, sidecar = index_files(store, factory)
     with atomic_file(target) as tmp:
         faiss.write_index(cpu, str(tmp))
         sha = sha256_file(tmp)
     meta = {"factory": factory, "ntotal": int(cpu.ntotal), "dim": int(cpu.d),
             "sha256": sha, "store_count": len(store)}
-    with atomic_file(store.path / "index.json") as tmp:
+    with atomic_file(sidecar) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return target
 
 
 def load_index(store: Datastore, factory: str | None = None, nprobe: int = 16,
                use_gpu="auto"):
-    """Read and verify the store's saved index; the store itself is never touched.
+    """Read and verify the store's saved ``factory`` index; the store is never touched.
 
-    With ``factory`` given, an index of another structure is refused.
+    An index file whose structure is not ``factory`` is refused.
     """
     import faiss
-    file, meta_file = store.path / "index.faiss", store.path / "index.json"
+    file, meta_file = index_files(store, factory)
     if not (file.is_file() and meta_file.is_file()):
-        raise FileNotFoundError(f"no saved index in {store.path}; call build_index(store) "
-                                "then save_index(index, store).")
+        raise FileNotFoundError(f"no saved {factory or 'Flat'} index in {store.path}; call "
+                                f"build_index(store, {factory or 'Flat'!r}) then save_index("
+                                f"index, store, {factory or 'Flat'!r}).")
     meta = json.loads(meta_file.read_text())
     advice = f"Delete {file} and call build_index(store) + save_index again."
     if sha256_file(file) != meta["sha256"]:
@@ -169,7 +184,7 @@ def load_or_build_index(store: Datastore, factory: str = "Flat", nprobe: int = 1
     except IndexCorrupt as err:
         warnings.warn(f"{err} Rebuilding it now.", stacklevel=2)
     except (FileNotFoundError, ValueError):
-        pass  # none saved yet, or one of another factory: replace it
+        pass  # none saved yet, or a file of another structure: replace it
     index = build_index(store, factory, nprobe, use_gpu)
     save_index(index, store, factory)
     return index

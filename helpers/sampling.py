@@ -42,22 +42,28 @@ def _check_alpha(alpha) -> float:
     return alpha
 
 
-def blend_logits(base_logits: torch.Tensor, memory_logp: torch.Tensor, alpha: float,
+def blend_logits(base_logits: torch.Tensor, memory_logp, alpha: float,
                  mode: str = "logits") -> torch.Tensor:
     """Log-probabilities ``(..., V)`` of the base model mixed with a memory.
 
     ``base_logits`` are the model's logits, ``memory_logp`` the memory's
-    log-probabilities (``-inf`` allowed for p = 0).  ``alpha=0`` returns the
-    base model's and ``alpha=1`` the memory's distribution exactly.
+    log-probabilities: dense ``(..., V)`` (``-inf`` allowed for p = 0), or
+    sparse ``(ids (K,), logp (..., K))`` for a memory that gives mass to the
+    tokens ``ids`` only (the kNN neighbours' tokens, a decoder head over the
+    datastore's vocabulary) -- the same blend, without ``V``-wide work on
+    the memory's side.  ``alpha=0`` returns the base model's and ``alpha=1``
+    the memory's distribution exactly.
     """
     alpha = _check_alpha(alpha)
     if mode not in BLENDS:
         raise ValueError(f"mode must be 'logits' (geometric mixture, the original "
                          f"tutorial) or 'probs' (kNN-LM mixture); got {mode!r}.")
     base = torch.log_softmax(base_logits.float(), dim=-1)        # (..., V)
-    memory = memory_logp.float().to(base.device)                 # (..., V)
     if alpha == 0.0:
         return base
+    if isinstance(memory_logp, tuple):
+        return _blend_sparse(base_logits.float(), base, *memory_logp, alpha, mode)
+    memory = memory_logp.float().to(base.device)                 # (..., V)
     if alpha == 1.0:
         return torch.log_softmax(memory, dim=-1)
     if mode == "logits":  # clip -inf so that alpha * log p_mem stays finite
@@ -65,6 +71,22 @@ def blend_logits(base_logits: torch.Tensor, memory_logp: torch.Tensor, alpha: fl
         return torch.log_softmax(mixed, dim=-1)
     # log((1-a) p_base + a p_mem) without ever forming log(0) of a sum
     return torch.logaddexp(base + np.log1p(-alpha), memory + np.log(alpha))
+
+
+def _blend_sparse(logits, base, ids, logp, alpha: float, mode: str) -> torch.Tensor:
+    """``blend_logits`` for a memory with mass on ``ids (K,)`` only: V-wide work once."""
+    ids, logp = ids.to(base.device), logp.float().to(base.device)    # (K,), (..., K)
+    if alpha == 1.0:  # the memory's distribution: p = 0 off its tokens
+        out = base.new_full(base.shape, float("-inf"))
+        out[..., ids] = torch.log_softmax(logp, dim=-1)
+        return out
+    if mode == "logits":  # off its tokens log p_mem = -inf, clipped to LOG_FLOOR
+        mixed = (1 - alpha) * logits + alpha * LOG_FLOOR           # (..., V)
+        mixed[..., ids] += alpha * (logp.clamp(min=LOG_FLOOR) - LOG_FLOOR)
+        return torch.log_softmax(mixed, dim=-1)
+    out = base + np.log1p(-alpha)                                    # (..., V)
+    out[..., ids] = torch.logaddexp(out[..., ids], logp + np.log(alpha))
+    return out
 
 
 def _check_sampling(temperature, top_k, vocab_size: int | None = None) -> None:
@@ -226,13 +248,14 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
     if mode == "base":
         memory, layer, W, alpha = None, -1, 1, 0.0
     elif mode == "memdec":
-        def memory(x, pad):  # (1, W, D), (1, W) -> (log p_dec (1, V), no provenance)
-            return decoder.log_probs_full(x, pad), None
+        def memory(x, pad):  # (1, W, D), (1, W) -> (log p_dec, no provenance)
+            if decoder.config.head == "store":  # sparse: (head's token ids, (1, V_s))
+                return (decoder.vocab, torch.log_softmax(decoder(x, pad).float(), -1)), None
+            return decoder.log_probs_full(x, pad), None                 # dense (1, V)
         W, layer = decoder.config.window, decoder.config.layer
         layer = -1 if layer is None else layer
     else:
-        vocab = model.get_output_embeddings().weight.shape[0]
-        memory, W = _knn_memory(store, index, k, knn_temperature, vocab), 1
+        memory, W = _knn_memory(store, index, k, knn_temperature), 1
         layer = store.manifest.get("layer", -1)
     return _steps(model, tokenizer, ids, memory=memory, layer=layer, W=W, alpha=alpha,
                   blend=blend, temperature=temperature, top_k=top_k,
@@ -253,17 +276,17 @@ def _check_adaptive(mode, gate, decoder) -> None:
     check_gate(gate, decoder)
 
 
-def _knn_memory(store, index, k: int, temperature: float, vocab_size: int):
-    """``memory(x (1, 1, D), pad) -> (log p_kNN (1, V), store doc of each neighbour)``."""
+def _knn_memory(store, index, k: int, temperature: float):
+    """``memory(x (1, 1, D), pad) -> ((token ids, log p_kNN (1, n)), store doc of each
+    neighbour)``: p_kNN is sparse, at most ``k`` tokens have mass."""
     def memory(x, pad):
         query = x[0, -1].float().cpu().numpy()[None]              # (1, D)
         distances, rows = search(index, query, k)                 # (1, k) each
         tok, prob = knn_distribution(distances, lookup_values(store, rows), temperature)
         keep = tok[0] >= 0
-        p = torch.zeros(1, vocab_size, device=x.device)           # dense p_kNN (1, V)
-        p[0, torch.from_numpy(tok[0][keep]).to(x.device)] = torch.from_numpy(
-            prob[0][keep]).to(x.device)
-        return p.log(), np.asarray(store.doc)[rows[0][rows[0] >= 0]].tolist()
+        ids = torch.from_numpy(tok[0][keep]).to(x.device)         # (n,) distinct tokens
+        logp = torch.from_numpy(prob[0][keep]).to(x.device).log()[None]  # (1, n)
+        return (ids, logp), np.asarray(store.doc)[rows[0][rows[0] >= 0]].tolist()
     return memory
 
 
@@ -301,10 +324,15 @@ def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature
             x = logits.new_zeros(1, W, window[-1].shape[0])       # (1, W, D)
             x[0, W - len(window):] = torch.stack(list(window))
             pad = (torch.arange(W, device=device) < W - len(window))[None]  # (1, W)
-            mem, docs = memory(x, pad)                            # (1, V), docs
-            mem = mem[0].to(device)                               # (V,)
-            a = alpha if gate is None else float(gate.alpha(logits, mem, alpha)[0])
-            logp, top = blend_logits(logits, mem, a, blend), int(mem.argmax())
+            mem, docs = memory(x, pad)         # dense (1, V) or sparse (ids, (1, n))
+            if isinstance(mem, tuple):
+                ids, lp = mem[0].to(device), mem[1][0].to(device)  # (n,), (n,)
+                mem, top = (ids, lp), int(ids[lp.argmax()])
+            else:
+                ids, lp = None, mem[0].to(device)                   # (V,)
+                mem, top = lp, int(lp.argmax())
+            a = alpha if gate is None else float(gate.alpha(logits, lp, alpha, ids)[0])
+            logp = blend_logits(logits, mem, a, blend)
         token = int(sample_next(logp, temperature, top_k, generator))
         finished = ("eos" if token in eos else
                     "max_new_tokens" if i == max_new_tokens - 1 else None)

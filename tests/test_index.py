@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from helpers.datastore import Datastore
-from helpers.index import (IndexCorrupt, build_index, load_index, load_or_build_index,
-                           save_index)
+from helpers.index import (IndexCorrupt, build_index, index_files, load_index,
+                           load_or_build_index, save_index)
 from helpers.knn import search
 
 
@@ -57,15 +57,18 @@ def test_index_of_another_store_size_is_refused(tmp_path):
         load_index(small)
 
 
-def test_load_index_refuses_another_factory(tmp_path):
+def test_load_index_refuses_a_file_of_another_factory(tmp_path):
     store = random_store(tmp_path / "s")
-    save_index(build_index(store, "IVF4,Flat"), store, "IVF4,Flat")
+    ivf = save_index(build_index(store, "IVF4,Flat"), store, "IVF4,Flat")
+    assert ivf.name == "index-IVF4_Flat.faiss"
+    for flat, other in zip(index_files(store, "Flat"), index_files(store, "IVF4,Flat")):
+        flat.write_bytes(other.read_bytes())  # an IVF index where the Flat one belongs
     with pytest.raises(ValueError, match="IndexIVFFlat nlist=4 .factory .IVF4,Flat.., not .Flat."):
         load_index(store, "Flat")
 
 
 def test_missing_index_says_how_to_build_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"build_index\(store\)"):
+    with pytest.raises(FileNotFoundError, match=r"no saved Flat index.*build_index\(store, 'Flat'\)"):
         load_index(random_store(tmp_path / "s"))
 
 
@@ -77,7 +80,9 @@ def test_load_or_build_index_builds_once_then_loads(tmp_path, monkeypatch):
     first = load_or_build_index(store)
     second = load_or_build_index(store)
     assert len(built) == 1 and first.ntotal == second.ntotal == 300
-    load_or_build_index(store, "IVF4,Flat")  # another factory replaces it
+    load_or_build_index(store, "IVF4,Flat")  # another factory gets files of its own
+    load_or_build_index(store)
+    assert len(built) == 2 and all(f.is_file() for f in index_files(store, "IVF4,Flat"))
     assert len(built) == 2 and load_index(store, "IVF4,Flat").ntotal == 300
 
 

@@ -106,6 +106,18 @@ def test_blend_copes_with_a_memory_that_gives_tokens_probability_zero(mode):
     assert torch.equal(blend_logits(base, memory, 1.0, mode), memory)
 
 
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_a_sparse_memory_blends_like_the_same_memory_written_out_densely(mode, alpha):
+    base, _ = random_pair()
+    ids = torch.tensor([1, 4, 9, 17])                     # the memory's only tokens
+    logp = torch.log_softmax(torch.randn(2, 4), -1)       # (B, K)
+    dense = torch.full_like(base, float("-inf"))
+    dense[:, ids] = logp
+    torch.testing.assert_close(blend_logits(base, (ids, logp), alpha, mode),
+                               blend_logits(base, dense, alpha, mode))
+
+
 def test_blend_refuses_alpha_outside_zero_one():
     base, memory = random_pair()
     with pytest.raises(ValueError, match=r"between 0 .* and 1"):
