@@ -38,15 +38,7 @@ from helpers.decoder import load_decoder
 from helpers.index import load_or_build_index
 from helpers.model import EMBEDDED_MODEL, load_base_model
 from helpers.paths import artifacts_dir, write_results
-from helpers.sampling import generate, original_style_step
-
-
-def per_token_ms(stream) -> float:
-    """Mean ms between consecutive tokens of a ``generate`` stream (first excluded)."""
-    stamps = []
-    for _ in stream:
-        stamps.append(time.perf_counter())
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+from helpers.sampling import generate, ms_per_token, original_style_step
 
 
 @torch.inference_mode()
@@ -114,12 +106,12 @@ def main() -> None:
                                 adaptive=True)
     per_mode = {name: [] for name in [*runs, "original"]}
     original_ids = torch.tensor([tok(prompt)["input_ids"]])
-    per_token_ms(generate(model, tok, prompt, **common, **runs["base"]))  # warm-up
+    ms_per_token(generate(model, tok, prompt, **common, **runs["base"]))  # warm-up
     for _ in range(args.repeats):
         for name, kw in runs.items():
             # every token must be generated: the end token would cut the run short
             stream = generate(model, tok, prompt, **common, **kw)
-            per_mode[name].append(per_token_ms(stream))
+            per_mode[name].append(ms_per_token(stream))
         per_mode["original"].append(original_ms(model, original_ids, decoder,
                                                 args.original_tokens))
     ms = {name: statistics.median(v) for name, v in per_mode.items()}

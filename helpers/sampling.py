@@ -350,6 +350,21 @@ def generate_text(model, tokenizer, prompt: str, **kw) -> tuple[str, list[Step]]
     return "".join(s.text for s in steps), steps
 
 
+def ms_per_token(stream) -> float:
+    """Mean wall time (ms) between consecutive tokens of a ``generate`` stream.
+
+    The first token, whose step reads the whole prompt, is excluded: what is
+    left is the cost of one cached step.  Needs at least 2 tokens.
+    """
+    import time
+
+    stamps = [time.perf_counter() for _ in stream]
+    if len(stamps) < 2:
+        raise ValueError("need a stream of at least 2 tokens (max_new_tokens >= 2, and no "
+                         "end token right away) to time a step.")
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+
+
 # --- the slow reference: how the original tutorial sampled -----------------------
 
 @torch.inference_mode()
