@@ -47,6 +47,7 @@ bench: setup
 	$(PY) benchmarks/bench_datastore.py
 	$(PY) benchmarks/bench_decoder.py
 	$(PY) benchmarks/bench_finetune.py
+	$(PY) benchmarks/bench_sampling.py
 
 clean-cache:
 	rm -rf data/cache data/artifacts

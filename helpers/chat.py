@@ -105,6 +105,7 @@ class _Turn:
     base_answer: str | None = None  # the α = 0 answer, when asked for
     notes: list[str] = field(default_factory=list)
     streaming: bool = True
+    adaptive: bool = False          # answered with the adaptive α gate
 
 
 def _cut(text: str) -> str | None:
@@ -260,7 +261,7 @@ class ChatPanel:
             return self._say(str(err))
         label = (f", adaptive α ≤ {alpha:g}" if adaptive else
                  f", α={alpha:g}" if mode != "base" else "")
-        turn = _Turn(text, MODE_LABELS[mode] + label)
+        turn = _Turn(text, MODE_LABELS[mode] + label, adaptive=adaptive)
         self._turns.append(turn)
         self.last_prompt, self.input.value = prompt, ""
         note = (f"The oldest {dropped} turn(s) no longer fit in the {budget}-token prompt "
@@ -309,7 +310,8 @@ class ChatPanel:
             stopped = stop.is_set() and not cut and not (steps and steps[-1].finished)
             message = (f"{'Stopped by you' if stopped else 'Done'}: {len(steps)} tokens in "
                        f"{seconds:.1f} s ({len(steps) / max(seconds, 1e-9):.1f} tokens/s).")
-            turn.notes += (self._influence(steps) + self._adaptive_note(steps)
+            turn.notes += (self._influence(steps)
+                           + (self._adaptive_note(steps) if turn.adaptive else [])
                            + self._sources(steps))
             if base_kw is not None and not stop.is_set():
                 turn.base_answer = ""
@@ -345,7 +347,7 @@ class ChatPanel:
 
     def _adaptive_note(self, steps) -> list[str]:
         """Adaptive α: how much the memory spoke, on average and at most."""
-        if not steps or not self.adaptive.value or steps[0].memory_top_id is None:
+        if not steps:
             return []
         alphas = [s.alpha for s in steps]
         return [f"Adaptive α: mean {sum(alphas) / len(alphas):.2f}, from {min(alphas):.2f} "
