@@ -77,25 +77,31 @@ def blend_curves(model, decoder, ev: HeldOut, rows: np.ndarray, alphas,
                  chunk: int = 256) -> dict[str, np.ndarray]:
     """Held-out perplexity against α for both blends (notebook 04).
 
-    ``"logits"``: ``log_softmax((1-α)·base_logits + α·log p_dec)`` (the
-    original tutorial's formula); ``"probs"``: ``(1-α)·p_base + α·p_dec``.
-    Both need the full base distribution, so the head runs on ``chunk`` keys
-    at a time.  Returns ``{"logits": (A,), "probs": (A,)}`` perplexities.
+    ``"probs"``: ``(1-α)·p_base(y) + α·p_dec(y)`` needs only the two
+    probabilities of each true next token ``y``.  ``"logits"``:
+    ``log_softmax((1-α)·z + α·log p_dec)[y]`` (the original tutorial's formula,
+    ``log p_dec`` clipped at ``LOG_FLOOR`` as in ``blend_logits``) needs the
+    normaliser over the whole vocabulary, so the base model's head runs on
+    ``chunk`` keys at a time and each α costs one ``logsumexp``.
+    Returns ``{"logits": (A,), "probs": (A,)}`` perplexities.
     """
-    from .sampling import blend_logits
-    from .train_decoder import window_batch
+    from .sampling import LOG_FLOOR
+    from .train_decoder import decoder_target_probs, window_batch
 
-    alphas = [float(a) for a in alphas]
+    alphas = np.array([float(a) for a in alphas])                 # (A,)
     idx = np.flatnonzero(rows)
-    nll = {m: np.zeros(len(alphas)) for m in ("logits", "probs")}
+    p_dec = decoder_target_probs(decoder, ev.keys, ev.doc, ev.values)[idx].astype(np.float64)
+    p_base = ev.p_base[idx].astype(np.float64)
+    probs_nll = -np.log((1 - alphas[:, None]) * p_base + alphas[:, None] * p_dec).sum(1)
+    logits_nll = np.zeros(len(alphas))
     for i in range(0, len(idx), chunk):
         r = idx[i:i + chunk]
-        base = head_logits(model, ev.keys[r])                                    # (C, V)
+        z = head_logits(model, ev.keys[r])                                       # (C, V)
         x, pad = window_batch(ev.keys, ev.doc, r, decoder.config.window)
-        mem = decoder.log_probs_full(x, pad)                                       # (C, V)
-        target = torch.as_tensor(ev.values[r])[:, None]
+        mem = decoder.log_probs_full(x, pad).clamp(min=LOG_FLOOR).to(z.device)   # (C, V)
+        y = torch.as_tensor(ev.values[r], device=z.device)[:, None]
+        z_y, mem_y = z.gather(1, y)[:, 0], mem.gather(1, y)[:, 0]                # (C,)
         for j, a in enumerate(alphas):
-            for mode in nll:
-                logp = blend_logits(base, mem, a, mode=mode)
-                nll[mode][j] -= logp.gather(1, target).sum().item()
-    return {m: np.exp(v / len(idx)) for m, v in nll.items()}
+            mixed = (1 - a) * z + a * mem if 0 < a < 1 else (mem if a == 1 else z)
+            logits_nll[j] -= ((1 - a) * z_y + a * mem_y - torch.logsumexp(mixed, -1)).sum().item()
+    return {"logits": np.exp(logits_nll / len(idx)), "probs": np.exp(probs_nll / len(idx))}

@@ -1,6 +1,7 @@
 """Cached held-out evaluation (helpers.evaluation)."""
 
 import numpy as np
+import pytest
 
 from helpers import evaluation
 from helpers.evaluation import heldout_eval
@@ -57,3 +58,31 @@ def test_blend_curves_at_alpha_zero_is_the_base_perplexity(tiny, data_dir):
         assert np.isclose(curves[mode][0], perplexity(ev.p_base), rtol=1e-4)
     assert np.isclose(curves["logits"][2], curves["probs"][2], rtol=1e-4)  # both = p_dec
     assert not np.isclose(curves["logits"][1], curves["probs"][1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["full", "store"])
+def test_blend_curves_agree_with_blend_logits_token_by_token(tiny, data_dir, store_index,
+                                                            head):
+    import torch
+
+    from helpers.decoder import DecoderConfig, MemoryDecoder
+    from helpers.evaluation import blend_curves
+    from helpers.knn import head_logits, perplexity
+    from helpers.sampling import blend_logits
+    from helpers.train_decoder import window_batch
+
+    model, tok = tiny
+    ev = heldout_eval(model, tok, TEXTS, "tiny")
+    torch.manual_seed(0)
+    dec = MemoryDecoder(DecoderConfig.from_store(store_index[0], len(tok), dim=32, n_heads=4,
+                                                 n_layers=1, window=2, head=head)).eval()
+    rows = ev.doc % 2 == 0
+    got = blend_curves(model, dec, ev, rows, [0.3, 0.8], chunk=4)
+    r = np.flatnonzero(rows)
+    x, pad = window_batch(ev.keys, ev.doc, r, 2)
+    mem, z = dec.log_probs_full(x, pad).detach(), head_logits(model, ev.keys[r])
+    y = torch.as_tensor(ev.values[r])[:, None]
+    for mode in ("logits", "probs"):
+        want = [perplexity(blend_logits(z, mem, a, mode).gather(1, y)[:, 0].exp().numpy())
+                for a in (0.3, 0.8)]
+        np.testing.assert_allclose(got[mode], want, rtol=1e-4)
