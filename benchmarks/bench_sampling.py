@@ -20,7 +20,8 @@ decoder (notebook 03; the gate of notebook 04 if it exists), after a
 
 Per-token time is the wall time between two yielded tokens (the prompt's
 forward, the first step, is excluded), the median over ``--repeats``
-interleaved rounds, so every mode sees the same machine load.  Ratios are
+interleaved rounds whose order rotates, so every mode sees the same machine
+load; the original-style loop runs after them.  Ratios are
 against base in the same run.  Writes ``data/artifacts/bench_sampling.json``.
 """
 
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=24, help="new tokens per measurement")
     ap.add_argument("--original-tokens", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--index", default="IVF1024,Flat", help="FAISS factory for kNN mode")
     ap.add_argument("--nprobe", type=int, default=32)
@@ -107,11 +108,13 @@ def main() -> None:
     per_mode = {name: [] for name in [*runs, "original"]}
     original_ids = torch.tensor([tok(prompt)["input_ids"]])
     ms_per_token(generate(model, tok, prompt, **common, **runs["base"]))  # warm-up
-    for _ in range(args.repeats):
-        for name, kw in runs.items():
-            # every token must be generated: the end token would cut the run short
-            stream = generate(model, tok, prompt, **common, **kw)
+    names = list(runs)
+    for r in range(args.repeats):
+        # rotate the order each round: no mode always runs first, or right after another
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            stream = generate(model, tok, prompt, **common, **runs[name])
             per_mode[name].append(ms_per_token(stream))
+    for _ in range(args.repeats):  # last: its big allocations must not disturb the rest
         per_mode["original"].append(original_ms(model, original_ids, decoder,
                                                 args.original_tokens))
     ms = {name: statistics.median(v) for name, v in per_mode.items()}
