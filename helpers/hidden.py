@@ -80,25 +80,34 @@ def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
 
 @torch.inference_mode()
 def hidden_states_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     layer: int = -1) -> torch.Tensor:
+                     layer: int = -1, autocast: torch.dtype | None = None) -> torch.Tensor:
     """Hidden states ``(B, T, D)`` after ``layer`` decoder layers.
 
     ``layer=-1`` is the final, normalised state that the LM head reads;
     ``layer=0`` is the token embeddings; ``1..L`` are block outputs.
+    ``autocast`` (e.g. ``torch.bfloat16``) runs the matmuls in that dtype
+    while the residual stream and the norms stay in the model's float32.
     """
-    out = body(model)(input_ids=input_ids, attention_mask=attention_mask,
-                      output_hidden_states=layer != -1, use_cache=False)
+    with torch.autocast(input_ids.device.type, dtype=autocast or torch.bfloat16,
+                        enabled=autocast is not None):
+        out = body(model)(input_ids=input_ids, attention_mask=attention_mask,
+                          output_hidden_states=layer != -1, use_cache=False)
     return out.last_hidden_state if layer == -1 else out.hidden_states[layer]
 
 
 def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
                  window: int = 256, overlap: int = 64, batch_size: int = 8,
-                 sort_by_length: bool = True, progress: bool = False) -> Extraction:
+                 sort_by_length: bool = True, progress: bool = False,
+                 autocast: torch.dtype | None = None) -> Extraction:
     """Run the body over ``texts`` and return one key per target token.
 
     Windows are sorted by length (longest first) so batches carry little
-    padding.  Keys come back as float32 whatever the model's dtype (load the
-    model with ``dtype=torch.bfloat16`` for bf16 matmuls).
+    padding.  Keys come back as float32 whatever the model's dtype.  For bf16
+    matmuls keep the model in float32 and pass ``autocast=torch.bfloat16``:
+    the residual stream stays in float32, so the keys stay closer to the fp32
+    ones than those of a model loaded with ``dtype=torch.bfloat16``
+    (``benchmarks/bench_extraction.py`` measures both).  It only pays on
+    hardware with native bf16 (a GPU, a CPU with AVX-512-bf16 or AMX).
     """
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id
@@ -128,7 +137,7 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
             inp[r, :len(row)] = torch.tensor(row)
             mask[r, :len(row)] = 1
         tic = time.perf_counter()
-        h = hidden_states_at(model, inp.to(device), mask.to(device), layer)
+        h = hidden_states_at(model, inp.to(device), mask.to(device), layer, autocast)
         h = h.float().cpu().numpy()
         seconds += time.perf_counter() - tic
         processed += int(mask.sum())

@@ -56,6 +56,16 @@ def test_length_sorting_and_batch_size_do_not_change_keys(tiny):
     np.testing.assert_allclose(a.keys, b.keys, atol=1e-5)
 
 
+def test_bf16_autocast_keys_are_close_to_fp32_but_computed_in_bf16(tiny):
+    model, tok = tiny
+    ref = extract_keys(model, tok, TEXTS, window=64, overlap=8).keys
+    amp = extract_keys(model, tok, TEXTS, window=64, overlap=8, autocast=torch.bfloat16)
+    assert amp.keys.dtype == np.float32 and next(model.parameters()).dtype == torch.float32
+    assert not np.array_equal(amp.keys, ref)  # the matmuls really ran in bf16
+    cos = (ref * amp.keys).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(amp.keys, axis=1)
+    assert cos.min() > 0.99
+
+
 def test_windowed_key_sees_bos_plus_overlap_context(tiny):
     model, tok = tiny
     text = TEXTS[0]
