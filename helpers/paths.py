@@ -121,12 +121,38 @@ def update_metrics(values: dict, path: Path | None = None, smoke: bool = False) 
     return merged
 
 
+def machine_summary() -> dict:
+    """Where a figure was measured: CPU, threads, GPU, PyTorch version, date."""
+    import datetime
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
 def write_results(name: str, results: dict) -> Path:
-    """Print a benchmark's figures and save them to ``data/artifacts/<name>.json``."""
+    """Print a benchmark's figures and save them to ``data/artifacts/<name>.json``.
+
+    The file also records ``machine`` (:func:`machine_summary`), so a figure
+    shown later says where it came from.
+    """
     import json
 
     out = artifacts_dir() / f"{name}.json"
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps({**results, "machine": machine_summary()}, indent=2))
     width = max(map(len, results)) + 2
     for key, value in results.items():
         shown = f"{value:,.4g}" if isinstance(value, float) else value

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from helpers.paths import atomic_dir, update_metrics
 
@@ -42,6 +43,10 @@ def test_benchmark_results_are_saved_as_json_and_printed(data_dir, capsys):
     from helpers.paths import write_results
 
     out = write_results("bench_x", {"tokens_per_second": 639.2, "threads": 2})
-    assert json.loads(out.read_text()) == {"tokens_per_second": 639.2, "threads": 2}
+    saved = json.loads(out.read_text())
+    machine = saved.pop("machine")
+    assert saved == {"tokens_per_second": 639.2, "threads": 2}
+    assert {"cpu", "cpu_capability", "threads", "gpu", "torch", "date"} <= set(machine)
+    assert machine["torch"] == torch.__version__
     printed = capsys.readouterr().out
     assert "tokens_per_second   639.2\nthreads             2\n" in printed
