@@ -7,7 +7,8 @@ Reports, in one run (so ratios are comparable on a noisy machine):
   * tokens/s of body-only extraction for a plain HF loop and for
     ``helpers.hidden.extract_keys`` (length-sorted), fp32 and bf16,
   * roofline fraction = tokens/s x FLOPs/token / matmul FLOP/s,
-  * bf16 keys' cosine similarity to fp32 keys,
+  * bf16 keys' cosine similarity to fp32 keys, for a model loaded in bf16 and
+    for ``extract_keys(..., autocast=torch.bfloat16)`` (float32 residual stream),
   * cold (GGUF -> cache) vs warm (cached safetensors) model load.
 Writes ``data/artifacts/bench_extraction.json``.
 """
@@ -97,18 +98,25 @@ def main() -> None:
     sub = texts[: args.bf16_docs]
     ex16 = extract_keys(model_bf16, tok, sub, window=256, overlap=64, batch_size=8)
     res["extract_bf16_tok_s"] = ex16.tokens_per_second
+    del model_bf16
+    # mixed precision: float32 weights and residual stream, bf16 matmuls
+    amp = extract_keys(model, tok, sub, window=256, overlap=64, batch_size=8,
+                       autocast=torch.bfloat16)
+    res["extract_amp_bf16_tok_s"] = amp.tokens_per_second
     ref = extract_keys(model, tok, sub, window=256, overlap=64, batch_size=8).keys
-    cos = (ref * ex16.keys).sum(1) / (
-        np.linalg.norm(ref, axis=1) * np.linalg.norm(ex16.keys, axis=1))
-    res["bf16_cosine_min"] = float(cos.min())
-    res["bf16_cosine_p001"] = float(np.quantile(cos, 0.001))
-    res["bf16_cosine_mean"] = float(cos.mean())
+    for name, keys in [("bf16", ex16.keys), ("amp_bf16", amp.keys)]:
+        cos = (ref * keys).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(keys, axis=1))
+        res[f"{name}_cosine_min"] = float(cos.min())
+        res[f"{name}_cosine_p001"] = float(np.quantile(cos, 0.001))
+        res[f"{name}_cosine_mean"] = float(cos.mean())
+    res["bf16_keys_compared"] = len(ref)
     res["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
 
     for name, flops in [("plain_hf", res["matmul_fp32_flops"]),
                         ("extract_fp32", res["matmul_fp32_flops"]),
                         ("extract_fp32_unsorted", res["matmul_fp32_flops"]),
-                        ("extract_bf16", res["matmul_bf16_flops"])]:
+                        ("extract_bf16", res["matmul_bf16_flops"]),
+                        ("extract_amp_bf16", res["matmul_bf16_flops"])]:
         res[f"{name}_roofline"] = res[f"{name}_tok_s"] * fpt / flops
     write_results("bench_extraction", res)
 

@@ -143,6 +143,26 @@ def machine_summary() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def benchmark_results(name: str) -> tuple[dict, str] | None:
+    """A benchmark's figures and where they came from, or ``None``.
+
+    Your own finished run (``data/artifacts/<name>.json``) wins; otherwise the
+    run shipped with the project (``benchmarks/results/<name>.json``, the
+    figures the README quotes).  A run that was interrupted (``"partial"``) is
+    skipped.
+    """
+    import json
+
+    for path, origin in [(artifacts_dir() / f"{name}.json", "your run"),
+                         (REPO_ROOT / "benchmarks" / "results" / f"{name}.json",
+                          "the run shipped with the project")]:
+        if path.exists():
+            results = json.loads(path.read_text())
+            if not results.get("partial"):
+                return results, f"{path} ({origin})"
+    return None
+
+
 def write_results(name: str, results: dict) -> Path:
     """Print a benchmark's figures and save them to ``data/artifacts/<name>.json``.
 

@@ -50,3 +50,28 @@ def test_benchmark_results_are_saved_as_json_and_printed(data_dir, capsys):
     assert machine["torch"] == torch.__version__
     printed = capsys.readouterr().out
     assert "tokens_per_second   639.2\nthreads             2\n" in printed
+
+
+def test_benchmark_results_prefer_a_finished_local_run(data_dir, tmp_path, monkeypatch):
+    from helpers import paths
+
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)
+    assert paths.benchmark_results("bench_y") is None
+    shipped = tmp_path / "benchmarks" / "results" / "bench_y.json"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text(json.dumps({"ppl": 5.0}))
+    res, source = paths.benchmark_results("bench_y")
+    assert res == {"ppl": 5.0} and "shipped" in source
+    paths.write_results("bench_y", {"ppl": 4.0, "partial": True})  # interrupted run
+    assert paths.benchmark_results("bench_y")[0] == {"ppl": 5.0}
+    paths.write_results("bench_y", {"ppl": 4.0})
+    res, source = paths.benchmark_results("bench_y")
+    assert res["ppl"] == 4.0 and "your run" in source
+
+
+def test_shipped_finetune_reference_is_a_finished_full_size_run():
+    from helpers.paths import REPO_ROOT
+
+    res = json.loads((REPO_ROOT / "benchmarks/results/bench_finetune.json").read_text())
+    assert not res.get("partial") and res["test_tokens"] > 10_000
+    assert res["finetune_ppl"] < res["base_ppl"] and res["machine"]["cpu"]
