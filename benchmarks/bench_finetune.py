@@ -1,7 +1,7 @@
 """Benchmark: the fine-tuning reference of notebook 03.
 
     python benchmarks/bench_finetune.py [--max-minutes 10] [--lr 5e-5]
-    python benchmarks/bench_finetune.py --full --eval-every 60   # one whole epoch
+    python benchmarks/bench_finetune.py --full --eval-every 44   # one whole epoch (263 batches)
     python benchmarks/bench_finetune.py --max-minutes 75 --eval-every 40
 
 ``--eval-every N`` scores the test articles every N batches (the time spent
@@ -25,8 +25,8 @@ import argparse
 from helpers.corpus import load_corpus, split_by_document
 from helpers.finetune import finetune_body
 from helpers.knn import base_target_probs, perplexity
-from helpers.offdomain import load_offdomain, split_offdomain
 from helpers.model import load_base_model
+from helpers.offdomain import load_offdomain, split_offdomain
 from helpers.paths import write_results
 
 
