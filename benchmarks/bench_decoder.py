@@ -6,8 +6,8 @@ Both run on the real datastore of notebook 02 (built here if missing).
 * original style: per batch of 16, search the index, build the dense
   262,144-wide kNN distribution in a Python loop, decoder with a
   full-vocabulary head, dense KL + CE -- as in the seed tutorial.
-* ours: sparse targets precomputed once (self excluded), head over the
-  datastore's vocabulary, batch 256.  The one-time precomputation is
+* ours: ``train_decoder`` on sparse targets precomputed once (self
+  excluded), head over the datastore's vocabulary, batch 256.  The one-time precomputation is
   counted: its per-row cost is measured on a sample and charged per epoch.
 Writes ``data/artifacts/bench_decoder.json``.
 """
@@ -28,7 +28,7 @@ from helpers.index import load_or_build_index
 from helpers.knn import knn_distribution, lookup_values, search
 from helpers.model import EMBEDDED_MODEL, load_base_model
 from helpers.paths import write_results
-from helpers.train_decoder import memdec_loss, precompute_knn_targets, window_batch
+from helpers.train_decoder import precompute_knn_targets, train_decoder
 
 K, T, DIM = 256, 300.0, 256
 
@@ -58,18 +58,14 @@ def original_style(store, index, vocab: int, steps: int, batch: int = 16) -> flo
 
 
 def ours(store, targets, vocab: int, steps: int, batch: int = 256) -> float:
-    """Samples/s of helpers.train_decoder's step on precomputed sparse targets."""
+    """Samples/s of ``helpers.train_decoder.train_decoder`` itself (what notebook 03
+    runs: sparse targets, store head, AdamW + schedule + clipping), for ``steps``."""
     torch.manual_seed(0)
     dec = MemoryDecoder(DecoderConfig.from_store(store, vocab, dim=DIM))
-    opt = torch.optim.AdamW(dec.parameters(), lr=1e-3)
-    order = np.random.default_rng(0).permutation(len(store))
     tic = time.perf_counter()
-    for s in range(steps):
-        rows = np.sort(order[s * batch:(s + 1) * batch])
-        x, pad = window_batch(store.keys, store.doc, rows, 1)
-        loss, _, _ = memdec_loss(dec(x, pad), targets.ids[rows], targets.probs[rows],
-                                 store.values[rows], dec, 0.5)
-        opt.zero_grad(); loss.backward(); opt.step()
+    history = train_decoder(dec, store, targets, epochs=1, batch_size=batch,
+                            max_steps=steps, progress=False)
+    assert len(history["loss"]) == steps, history["stopped"]
     return steps * batch / (time.perf_counter() - tic)
 
 

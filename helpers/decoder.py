@@ -174,10 +174,14 @@ class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
         h = self.inp(x) + self.pos                               # (B, W, dim)
         mask = None if c.window == 1 else self._attention_mask(pad_mask, *x.shape[:2],
                                                                 x.device)
-        for layer in self.encoder.layers:  # what self.encoder(h, mask) does, minus the
+        if c.window == 1:  # attention over one position: see _one_position
+            for layer in self.encoder.layers:
+                h = _one_position(layer, h)
+            return self.norm(h[:, -1])                           # (B, dim)
+        *body, last = self.encoder.layers
+        for layer in body:                 # what self.encoder(h, mask) does, minus the
             h = layer(h, src_mask=mask)    # per-call checks that cost ms at batch 1
-        # (B, W, dim)
-        return self.norm(h[:, -1])                               # (B, dim)
+        return self.norm(_last_position(last, h, mask))          # (B, dim)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.head(self.hidden(x, pad_mask))                  # (B, V_head | key_dim)
@@ -215,6 +219,50 @@ class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
         col = self.head_index(targets).to(logp.device)                # (B,)
         got = logp.gather(1, col.clamp(min=0)[:, None])[:, 0]
         return torch.where(col >= 0, got, torch.full_like(got, floor))
+
+
+def _one_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor) -> torch.Tensor:
+    """``layer(h)`` for a window of one position ``h (B, 1, dim)``, computed directly.
+
+    A softmax over a single key is 1, so self-attention returns that position's
+    value: ``out_proj(v_proj(norm1(h)))``.  The query and key projections, the
+    scores and the softmax are skipped (a sixth of the layer's work at W = 1).
+    In training, attention dropout drops that single weight per row and head,
+    so each head's value is zeroed with probability p or scaled by 1/(1-p) --
+    exactly what ``nn.MultiheadAttention`` does with one key.
+    """
+    attn = layer.self_attn
+    dim, heads = attn.embed_dim, attn.num_heads
+    value = F.linear(layer.norm1(h), attn.in_proj_weight[2 * dim:],
+                     attn.in_proj_bias[2 * dim:])                  # (B, 1, dim)
+    if layer.training and attn.dropout > 0:
+        keep = torch.empty(h.shape[0], 1, heads, 1, device=h.device, dtype=h.dtype)
+        keep.bernoulli_(1.0 - attn.dropout).div_(1.0 - attn.dropout)
+        value = (value.unflatten(-1, (heads, dim // heads)) * keep).flatten(-2)
+    h = h + layer.dropout1(attn.out_proj(value))
+    return h + layer._ff_block(layer.norm2(h))
+
+
+def _last_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+    """``layer(h, src_mask=mask)[:, -1]`` without computing the other positions.
+
+    Only the last position's output is read, so in the final layer only its
+    query, feed-forward and residual are needed; the keys and values still come
+    from the whole window.  Same parameters and the same arithmetic as the
+    layer's own ``norm_first`` forward (``tests/test_decoder.py`` checks it).
+    For ``W = 4`` this skips about a tenth of the decoder's work.
+    """
+    if h.shape[1] == 1:
+        return layer(h, src_mask=mask)[:, -1]
+    normed = layer.norm1(h)                                        # (B, W, dim)
+    query = normed[:, -1:]                                         # (B, 1, dim)
+    attn_mask = None if mask is None else mask[:, -1:]             # (B*heads, 1, W)
+    attended = layer.self_attn(query, normed, normed, attn_mask=attn_mask,
+                               need_weights=False)[0]
+    x = h[:, -1:] + layer.dropout1(attended)                      # (B, 1, dim)
+    x = x + layer._ff_block(layer.norm2(x))
+    return x[:, -1]                                               # (B, dim)
 
 
 def save_decoder(decoder: MemoryDecoder, folder) -> Path:

