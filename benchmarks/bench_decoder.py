@@ -1,6 +1,6 @@
 """Benchmark: MemoryDecoder training throughput vs an original-style loop.
 
-    python benchmarks/bench_decoder.py [--steps 200] [--orig-steps 10]
+    python benchmarks/bench_decoder.py [--steps 200] [--orig-steps 10] [--window 4]
 
 Both run on the real datastore of notebook 02 (built here if missing).
 * original style: per batch of 16, search the index, build the dense
@@ -57,11 +57,11 @@ def original_style(store, index, vocab: int, steps: int, batch: int = 16) -> flo
     return steps * batch / (time.perf_counter() - tic)
 
 
-def ours(store, targets, vocab: int, steps: int, batch: int = 256) -> float:
+def ours(store, targets, vocab: int, steps: int, batch: int = 256, window: int = 1) -> float:
     """Samples/s of ``helpers.train_decoder.train_decoder`` itself (what notebook 03
     runs: sparse targets, store head, AdamW + schedule + clipping), for ``steps``."""
     torch.manual_seed(0)
-    dec = MemoryDecoder(DecoderConfig.from_store(store, vocab, dim=DIM))
+    dec = MemoryDecoder(DecoderConfig.from_store(store, vocab, dim=DIM, window=window))
     tic = time.perf_counter()
     history = train_decoder(dec, store, targets, epochs=1, batch_size=batch,
                             max_steps=steps, progress=False)
@@ -84,6 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--orig-steps", type=int, default=10)
+    ap.add_argument("--window", type=int, default=1,
+                    help="also time a decoder reading this many states (the original reads 1)")
     ap.add_argument("--epochs", type=int, default=12,
                     help="training length the precomputation is spread over "
                          "(notebook 03's NUM_EPOCHS)")
@@ -108,6 +110,13 @@ def main() -> None:
         res[f"ours_effective_samples_per_s_{epochs}ep"] = eff
         res[f"speedup_{epochs}ep_incl_precompute"] = eff / res["original_samples_per_s"]
     res["speedup_excl_precompute"] = res["ours_samples_per_s"] / res["original_samples_per_s"]
+    if args.window != 1:  # a bigger model per sample: more work, not a like-for-like loop
+        w = args.window
+        res[f"ours_w{w}_samples_per_s"] = ours(store, targets, vocab, args.steps, window=w)
+        eff = args.epochs * len(store) / (args.epochs * len(store) / res[f"ours_w{w}_samples_per_s"]
+                                          + pre_s)
+        res[f"ours_w{w}_effective_samples_per_s_{args.epochs}ep"] = eff
+        res[f"speedup_w{w}_{args.epochs}ep_incl_precompute"] = eff / res["original_samples_per_s"]
     write_results("bench_decoder", res)
 
 
