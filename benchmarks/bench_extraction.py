@@ -5,8 +5,7 @@
 Reports, in one run (so ratios are comparable on a noisy machine):
   * measured matmul FLOP/s (fp32 and bf16) at the model's own shapes,
   * tokens/s of body-only extraction for a plain HF loop and for
-    ``helpers.hidden.extract_keys`` (length-sorted, fused RMSNorms; also
-    without each of the two), fp32 and bf16,
+    ``helpers.hidden.extract_keys`` (length-sorted), fp32 and bf16,
   * roofline fraction = tokens/s x FLOPs/token / matmul FLOP/s,
   * bf16 keys' cosine similarity to fp32 keys, for a model loaded in bf16 and
     for ``extract_keys(..., autocast=torch.bfloat16)`` (float32 residual stream),
@@ -92,9 +91,6 @@ def main() -> None:
     res["plain_hf_tok_s"] = plain_hf(model, tok, texts, 8, 256)
     ex32 = extract_keys(model, tok, texts, window=256, overlap=64, batch_size=8)
     res["extract_fp32_tok_s"] = ex32.tokens_per_second
-    res["extract_fp32_unfused_tok_s"] = extract_keys(
-        model, tok, texts, window=256, overlap=64, batch_size=8,
-        fuse_norms=False).tokens_per_second
     res["extract_fp32_unsorted_tok_s"] = extract_keys(
         model, tok, texts, window=256, overlap=64, batch_size=8,
         sort_by_length=False).tokens_per_second
@@ -118,7 +114,6 @@ def main() -> None:
 
     for name, flops in [("plain_hf", res["matmul_fp32_flops"]),
                         ("extract_fp32", res["matmul_fp32_flops"]),
-                        ("extract_fp32_unfused", res["matmul_fp32_flops"]),
                         ("extract_fp32_unsorted", res["matmul_fp32_flops"]),
                         ("extract_bf16", res["matmul_bf16_flops"]),
                         ("extract_amp_bf16", res["matmul_bf16_flops"])]:

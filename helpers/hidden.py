@@ -14,14 +14,10 @@ exactly once, and each target still sees ``overlap`` tokens of left context.
 from __future__ import annotations
 
 import time
-import types
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def plan_windows(n_tokens: int, window: int, overlap: int,
@@ -99,50 +95,10 @@ def hidden_states_at(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return out.last_hidden_state if layer == -1 else out.hidden_states[layer]
 
 
-def _gemma_rms_norm(self, x: torch.Tensor) -> torch.Tensor:
-    """Gemma's RMSNorm, ``x / rms(x) * (1 + w)`` in float32, as one fused kernel."""
-    return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(),
-                      self.eps).type_as(x)
-
-
-@contextmanager
-def fused_rms_norms(model) -> Iterator[int]:
-    """Run the model's Gemma-style RMSNorms with ``F.rms_norm`` inside the block.
-
-    Eager PyTorch runs Gemma's RMSNorm as five separate passes over the
-    activations (square, mean, rsqrt, two multiplies); ``F.rms_norm`` does the
-    same arithmetic in one kernel.  A Gemma layer has six norms, so on a CPU
-    this is ~3 % of extraction time (``benchmarks/bench_extraction.py``).
-    A norm is swapped only if the fused form gives its output on a probe
-    (other models' norms stay as they are), and every swap is undone on exit.
-    Yields the number of norms swapped.
-    """
-    swapped = []
-    for module in model.modules():
-        weight, eps = getattr(module, "weight", None), getattr(module, "eps", None)
-        if (not type(module).__name__.endswith("RMSNorm") or "forward" in vars(module)
-                or not isinstance(weight, torch.Tensor) or weight.ndim != 1
-                or not isinstance(eps, float)):
-            continue
-        probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0))
-        probe = probe.to(weight.device, weight.dtype)
-        with torch.no_grad():
-            same = torch.allclose(_gemma_rms_norm(module, probe).float(),
-                                  module(probe).float(), rtol=1e-5, atol=1e-5)
-        if same:
-            module.forward = types.MethodType(_gemma_rms_norm, module)
-            swapped.append(module)
-    try:
-        yield len(swapped)
-    finally:
-        for module in swapped:
-            del module.forward  # back to the class's own forward
-
-
 def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
                  window: int = 256, overlap: int = 64, batch_size: int = 8,
                  sort_by_length: bool = True, progress: bool = False,
-                 autocast: torch.dtype | None = None, fuse_norms: bool = True) -> Extraction:
+                 autocast: torch.dtype | None = None) -> Extraction:
     """Run the body over ``texts`` and return one key per target token.
 
     Windows are sorted by length (longest first) so batches carry little
@@ -152,8 +108,6 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
     ones than those of a model loaded with ``dtype=torch.bfloat16``
     (``benchmarks/bench_extraction.py`` measures both).  It only pays on
     hardware with native bf16 (a GPU, a CPU with AVX-512-bf16 or AMX).
-    ``fuse_norms`` runs Gemma's RMSNorms as one kernel each while extracting
-    (same keys, ~3 % faster on a CPU; see ``fused_rms_norms``).
     """
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id
@@ -174,25 +128,24 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="extracting", unit="batch")
     seconds, processed = 0.0, 0
-    with fused_rms_norms(model) if fuse_norms else nullcontext():
-        for batch in batches:
-            rows = [([bos] if prepend and s > 0 else []) + ids[d][s:e] for d, s, e, _ in batch]
-            width = max(map(len, rows))
-            inp = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                inp[r, :len(row)] = torch.tensor(row)
-                mask[r, :len(row)] = 1
-            tic = time.perf_counter()
-            h = hidden_states_at(model, inp.to(device), mask.to(device), layer, autocast)
-            h = h.float().cpu().numpy()
-            seconds += time.perf_counter() - tic
-            processed += int(mask.sum())
-            for r, (d, s, e, first) in enumerate(batch):
-                shift = 1 if prepend and s > 0 else 0
-                # the key for target t sits at input index (t - 1 - s) + shift
-                lo, hi = first - 1 - s + shift, e - 1 - s + shift
-                keys[offsets[d] + first - 1: offsets[d] + e - 1] = h[r, lo:hi]
+    for batch in batches:
+        rows = [([bos] if prepend and s > 0 else []) + ids[d][s:e] for d, s, e, _ in batch]
+        width = max(map(len, rows))
+        inp = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            inp[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+        tic = time.perf_counter()
+        h = hidden_states_at(model, inp.to(device), mask.to(device), layer, autocast)
+        h = h.float().cpu().numpy()
+        seconds += time.perf_counter() - tic
+        processed += int(mask.sum())
+        for r, (d, s, e, first) in enumerate(batch):
+            shift = 1 if prepend and s > 0 else 0
+            # the key for target t sits at input index (t - 1 - s) + shift
+            lo, hi = first - 1 - s + shift, e - 1 - s + shift
+            keys[offsets[d] + first - 1: offsets[d] + e - 1] = h[r, lo:hi]
     values = np.concatenate([np.asarray(s[1:], np.int64) for s in ids])
     doc = np.concatenate([np.full(len(s) - 1, d, np.int32) for d, s in enumerate(ids)])
     pos = np.concatenate([np.arange(len(s) - 1, dtype=np.int32) for s in ids])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.hidden import extract_keys, fused_rms_norms, plan_windows, tokenize
+from helpers.hidden import extract_keys, plan_windows, tokenize
 
 TEXTS = [
     "the data subject shall have the right to obtain from the controller the erasure",
@@ -54,50 +54,6 @@ def test_length_sorting_and_batch_size_do_not_change_keys(tiny):
                      sort_by_length=False)
     b = extract_keys(model, tok, TEXTS, window=64, overlap=8, batch_size=4)
     np.testing.assert_allclose(a.keys, b.keys, atol=1e-5)
-
-
-def _norms(model):
-    return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
-
-
-def test_fused_norms_give_the_same_keys_and_are_undone_afterwards(tiny):
-    model, tok = tiny
-    with torch.no_grad():  # a freshly built Gemma norm has weight 0: make (1 + w) matter
-        for m in _norms(model):
-            m.weight.normal_(0, 0.5)
-    inside = []
-    with fused_rms_norms(model) as n:
-        inside = [("forward" in vars(m)) for m in _norms(model)]
-        fused = extract_keys(model, tok, TEXTS, window=64, overlap=8, fuse_norms=False)
-    plain = extract_keys(model, tok, TEXTS, window=64, overlap=8, fuse_norms=False)
-    default = extract_keys(model, tok, TEXTS, window=64, overlap=8)  # fuse_norms=True
-    layers = model.config.get_text_config().num_hidden_layers
-    assert n == len(_norms(model)) == 6 * layers + 1 and all(inside)
-    assert not any("forward" in vars(m) for m in _norms(model))
-    np.testing.assert_allclose(fused.keys, plain.keys, atol=1e-5)
-    np.testing.assert_allclose(default.keys, plain.keys, atol=1e-5)
-
-
-def test_a_norm_of_another_form_is_left_alone_and_errors_still_undo_swaps():
-    class LlamaRMSNorm(torch.nn.Module):  # weight * x / rms(x): not Gemma's (1 + weight)
-        def __init__(self):
-            super().__init__()
-            self.weight, self.eps = torch.nn.Parameter(torch.full((8,), 2.0)), 1e-6
-
-        def forward(self, x):
-            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    class GemmaRMSNorm(LlamaRMSNorm):
-        def forward(self, x):
-            return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
-                                                      + self.eps)
-
-    model = torch.nn.Sequential(LlamaRMSNorm(), GemmaRMSNorm())
-    with pytest.raises(RuntimeError, match="boom"):
-        with fused_rms_norms(model) as n:
-            assert n == 1 and "forward" in vars(model[1]) and "forward" not in vars(model[0])
-            raise RuntimeError("boom")
-    assert "forward" not in vars(model[1])
 
 
 def test_bf16_autocast_keys_are_close_to_fp32_but_computed_in_bf16(tiny):
