@@ -40,3 +40,18 @@ def test_every_literal_knob_is_seen_by_papermill(path):
     assert literal, "no literal knobs found: is this the parameters cell?"
     assert not set(literal) - seen, (f"papermill cannot parse {sorted(set(literal) - seen)}; "
                                      "keep '=' out of their comments")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
+def test_notebooks_are_valid_have_cell_ids_and_no_outputs(path):
+    """Cell ids are required from nbformat 4.5 on (a warning today, an error later);
+    outputs are stripped in git, so every learner starts from a clean notebook."""
+    import nbformat
+    nb = nbformat.reads(path.read_text(), as_version=4)
+    nbformat.validate(nb)
+    ids = [c.get("id") for c in json.loads(path.read_text())["cells"]]
+    assert all(ids) and len(set(ids)) == len(ids), "every cell needs a unique id"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, \
+                f"{path.name} has outputs: clear them before committing"
