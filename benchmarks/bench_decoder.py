@@ -7,8 +7,9 @@ Both run on the real datastore of notebook 02 (built here if missing).
   262,144-wide kNN distribution in a Python loop, decoder with a
   full-vocabulary head, dense KL + CE -- as in the seed tutorial.
 * ours: ``train_decoder`` on sparse targets precomputed once (self
-  excluded), head over the datastore's vocabulary, batch 256.  The one-time precomputation is
-  counted: its per-row cost is measured on a sample and charged per epoch.
+  excluded), head over the datastore's vocabulary, batch 256.  The one-time
+  precomputation is counted: its per-row cost is measured on a sample and
+  charged per epoch.
 Writes ``data/artifacts/bench_decoder.json``.
 """
 

@@ -245,7 +245,7 @@ def _one_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor) -> torch.T
 
 def _last_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor,
                    mask: torch.Tensor | None) -> torch.Tensor:
-    """``layer(h, src_mask=mask)[:, -1]`` without computing the other positions.
+    """``layer(h, src_mask=mask)[:, -1]`` for ``W > 1``, without the other positions.
 
     Only the last position's output is read, so in the final layer only its
     query, feed-forward and residual are needed; the keys and values still come
@@ -253,8 +253,6 @@ def _last_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor,
     layer's own ``norm_first`` forward (``tests/test_decoder.py`` checks it).
     For ``W = 4`` this skips about a tenth of the decoder's work.
     """
-    if h.shape[1] == 1:
-        return layer(h, src_mask=mask)[:, -1]
     normed = layer.norm1(h)                                        # (B, W, dim)
     query = normed[:, -1:]                                         # (B, 1, dim)
     attn_mask = None if mask is None else mask[:, -1:]             # (B*heads, 1, W)
