@@ -172,12 +172,11 @@ class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
             pad_mask = pad_mask.to(device=x.device, dtype=torch.bool)  # (B, W)
             x = torch.where(pad_mask[..., None], 0.0, x)  # padded slots carry nothing
         h = self.inp(x) + self.pos                               # (B, W, dim)
-        mask = None if c.window == 1 else self._attention_mask(pad_mask, *x.shape[:2],
-                                                                x.device)
         if c.window == 1:  # attention over one position: see _one_position
             for layer in self.encoder.layers:
                 h = _one_position(layer, h)
             return self.norm(h[:, -1])                           # (B, dim)
+        mask = self._attention_mask(pad_mask, *x.shape[:2], x.device)
         *body, last = self.encoder.layers
         for layer in body:                 # what self.encoder(h, mask) does, minus the
             h = layer(h, src_mask=mask)    # per-call checks that cost ms at batch 1

@@ -138,19 +138,6 @@ def _lr_lambda(total: int, warmup: int):
     return factor
 
 
-def _fast_adamw(device: torch.device) -> dict:
-    """AdamW's fused kernel where this torch has it for ``device``.
-
-    The default on CPU updates the ~80 parameter tensors one by one; the fused
-    kernel does the same arithmetic in one pass (a 256-row step: ~20 -> ~9 ms).
-    """
-    try:
-        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
-    except (RuntimeError, ValueError):
-        return {}
-    return {"fused": True}
-
-
 def _snapshot(decoder) -> dict:
     return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
 
@@ -185,7 +172,10 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
     params = [p for p in decoder.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, **_fast_adamw(device))
+    try:  # the fused kernel updates all ~80 tensors in one pass (CPU: ~20 -> ~9 ms a step)
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # this torch has no fused AdamW for the device
+        optimizer = torch.optim.AdamW(groups, lr=lr)
     warmup = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
     history = {"loss": [], "kl": [], "ce": [], "lr": [], "eval": [], "best_epoch": None,
