@@ -5,7 +5,9 @@
 Reports, in one run (so ratios are comparable on a noisy machine):
   * measured matmul FLOP/s (fp32 and bf16) at the model's own shapes,
   * tokens/s of body-only extraction for a plain HF loop and for
-    ``helpers.hidden.extract_keys`` (length-sorted), fp32 and bf16,
+    ``helpers.hidden.extract_keys`` (length-sorted), fp32 and bf16, and for
+    ``extract_keys(..., fast=False)`` (the model's own forward pass, no
+    ``helpers.fastpath``), with how far its keys are from the fast path's,
   * roofline fraction = tokens/s x FLOPs/token / matmul FLOP/s,
   * bf16 keys' cosine similarity to fp32 keys, for a model loaded in bf16 and
     for ``extract_keys(..., autocast=torch.bfloat16)`` (float32 residual stream),
@@ -88,9 +90,18 @@ def main() -> None:
     res["matmul_bf16_flops"] = matmul_flops(rows, cfg.hidden_size, cfg.intermediate_size, torch.bfloat16)
     res["flops_per_token"] = fpt
 
+    # These two run first: extract_keys' fast path changes glibc's malloc
+    # settings for the rest of the process (helpers.fastpath.keep_freed_memory).
     res["plain_hf_tok_s"] = plain_hf(model, tok, texts, 8, 256)
+    slow = extract_keys(model, tok, texts, window=256, overlap=64, batch_size=8, fast=False)
+    res["extract_fp32_no_fastpath_tok_s"] = slow.tokens_per_second
     ex32 = extract_keys(model, tok, texts, window=256, overlap=64, batch_size=8)
     res["extract_fp32_tok_s"] = ex32.tokens_per_second
+    cos = (slow.keys * ex32.keys).sum(1) / (np.linalg.norm(slow.keys, axis=1)
+                                            * np.linalg.norm(ex32.keys, axis=1))
+    res["fastpath_cosine_min"] = float(cos.min())
+    res["fastpath_max_rel_diff"] = float(np.abs(slow.keys - ex32.keys).max()
+                                         / np.abs(slow.keys).max())
     res["extract_fp32_unsorted_tok_s"] = extract_keys(
         model, tok, texts, window=256, overlap=64, batch_size=8,
         sort_by_length=False).tokens_per_second
@@ -113,6 +124,7 @@ def main() -> None:
     res["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
 
     for name, flops in [("plain_hf", res["matmul_fp32_flops"]),
+                        ("extract_fp32_no_fastpath", res["matmul_fp32_flops"]),
                         ("extract_fp32", res["matmul_fp32_flops"]),
                         ("extract_fp32_unsorted", res["matmul_fp32_flops"]),
                         ("extract_bf16", res["matmul_bf16_flops"]),

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .fastpath import fast_forward
+
 
 def plan_windows(n_tokens: int, window: int, overlap: int,
                  prepend_bos: bool) -> list[tuple[int, int, int]]:
@@ -79,7 +81,7 @@ def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def hidden_states_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def hidden_states_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      layer: int = -1, autocast: torch.dtype | None = None) -> torch.Tensor:
     """Hidden states ``(B, T, D)`` after ``layer`` decoder layers.
 
@@ -98,7 +100,7 @@ def hidden_states_at(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
                  window: int = 256, overlap: int = 64, batch_size: int = 8,
                  sort_by_length: bool = True, progress: bool = False,
-                 autocast: torch.dtype | None = None) -> Extraction:
+                 autocast: torch.dtype | None = None, fast: bool = True) -> Extraction:
     """Run the body over ``texts`` and return one key per target token.
 
     Windows are sorted by length (longest first) so batches carry little
@@ -108,6 +110,16 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
     ones than those of a model loaded with ``dtype=torch.bfloat16``
     (``benchmarks/bench_extraction.py`` measures both).  It only pays on
     hardware with native bf16 (a GPU, a CPU with AVX-512-bf16 or AMX).
+
+    The forward pass computes the same function as the model's own, with
+    less work (``helpers/fastpath.py``): freed activations stay in the
+    process, a tanh-GELU runs through a sigmoid, and causal attention skips
+    the scores its mask would discard.  Rows are padded on the right of a
+    causal model, so no real token ever attends to a pad and the padding mask
+    cannot change a key we keep: it is left out, which lets padded batches
+    take the causal path too.  A model whose config asks for bidirectional
+    attention keeps its mask.  ``fast=False`` runs the model's own forward
+    pass with the mask instead (the benchmark's "no fast path" row).
     """
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id
@@ -127,25 +139,29 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="extracting", unit="batch")
+    drop_mask = fast and not getattr(model.config.get_text_config(),
+                                     "use_bidirectional_attention", False)
     seconds, processed = 0.0, 0
-    for batch in batches:
-        rows = [([bos] if prepend and s > 0 else []) + ids[d][s:e] for d, s, e, _ in batch]
-        width = max(map(len, rows))
-        inp = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            inp[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
-        tic = time.perf_counter()
-        h = hidden_states_at(model, inp.to(device), mask.to(device), layer, autocast)
-        h = h.float().cpu().numpy()
-        seconds += time.perf_counter() - tic
-        processed += int(mask.sum())
-        for r, (d, s, e, first) in enumerate(batch):
-            shift = 1 if prepend and s > 0 else 0
-            # the key for target t sits at input index (t - 1 - s) + shift
-            lo, hi = first - 1 - s + shift, e - 1 - s + shift
-            keys[offsets[d] + first - 1: offsets[d] + e - 1] = h[r, lo:hi]
+    with fast_forward(model, enabled=fast):
+        for batch in batches:
+            rows = [([bos] if prepend and s > 0 else []) + ids[d][s:e] for d, s, e, _ in batch]
+            width = max(map(len, rows))
+            inp = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, row in enumerate(rows):
+                inp[r, :len(row)] = torch.tensor(row)
+                mask[r, :len(row)] = 1
+            tic = time.perf_counter()
+            h = hidden_states_at(model, inp.to(device), None if drop_mask else mask.to(device),
+                                 layer, autocast)
+            h = h.float().cpu().numpy()
+            seconds += time.perf_counter() - tic
+            processed += int(mask.sum())
+            for r, (d, s, e, first) in enumerate(batch):
+                shift = 1 if prepend and s > 0 else 0
+                # the key for target t sits at input index (t - 1 - s) + shift
+                lo, hi = first - 1 - s + shift, e - 1 - s + shift
+                keys[offsets[d] + first - 1: offsets[d] + e - 1] = h[r, lo:hi]
     values = np.concatenate([np.asarray(s[1:], np.int64) for s in ids])
     doc = np.concatenate([np.full(len(s) - 1, d, np.int32) for d, s in enumerate(ids)])
     pos = np.concatenate([np.arange(len(s) - 1, dtype=np.int32) for s in ids])

@@ -58,8 +58,9 @@ def test_length_sorting_and_batch_size_do_not_change_keys(tiny):
 
 def test_bf16_autocast_keys_are_close_to_fp32_but_computed_in_bf16(tiny):
     model, tok = tiny
-    ref = extract_keys(model, tok, TEXTS, window=64, overlap=8).keys
-    amp = extract_keys(model, tok, TEXTS, window=64, overlap=8, autocast=torch.bfloat16)
+    texts = TEXTS + [" ".join(TEXTS * 3)]  # one window longer than an attention block
+    ref = extract_keys(model, tok, texts, window=128, overlap=8).keys
+    amp = extract_keys(model, tok, texts, window=128, overlap=8, autocast=torch.bfloat16)
     assert amp.keys.dtype == np.float32 and next(model.parameters()).dtype == torch.float32
     assert not np.array_equal(amp.keys, ref)  # the matmuls really ran in bf16
     cos = (ref * amp.keys).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(amp.keys, axis=1)
@@ -112,3 +113,22 @@ def test_keys_by_layer_stacks_embeddings_blocks_and_final_norm(tiny):
     first6 = ex.pos < 5  # positions 0..4 predict tokens 1..5 of the first 6
     np.testing.assert_allclose(keys[-1], ex.keys[first6], atol=1e-5)
     assert values.tolist() == ex.values[first6].tolist()
+
+
+def test_a_bidirectional_model_keeps_its_padding_mask(tiny):
+    """Dropping the mask is only exact for causal attention: check both ways."""
+    from conftest import make_model
+
+    _, tok = tiny
+    model = make_model(len(tok))
+    model.config.use_bidirectional_attention = True
+    for layer in model.model.layers:
+        layer.self_attn.is_causal = False
+    one = extract_keys(model, tok, TEXTS, window=64, overlap=8, batch_size=1)
+    padded = extract_keys(model, tok, TEXTS, window=64, overlap=8, batch_size=4)
+    np.testing.assert_allclose(one.keys, padded.keys, atol=1e-5)
+    model.config.use_bidirectional_attention = False  # now the pads would leak in
+    leaky = extract_keys(model, tok, TEXTS, window=64, overlap=8, batch_size=4)
+    assert np.abs(leaky.keys - one.keys).max() > 1e-3
+
+

@@ -39,3 +39,30 @@ def test_real_model_reads_held_out_eu_law_with_low_perplexity(gemma):
         loss = model(ids, labels=ids).loss.item()
     # a random model scores ~262,144 (the vocabulary); Gemma 3 270M reads law well
     assert math.exp(loss) < 30
+
+
+def test_fast_path_gives_the_real_models_keys_without_falling_back(gemma, monkeypatch):
+    import numpy as np
+    import transformers.integrations.sdpa_attention as sa
+
+    import helpers.fastpath as fp
+    from helpers.hidden import extract_keys, plan_windows, tokenize
+
+    model, tok = gemma
+    texts = sorted(load_corpus()["text"][:6], key=len)[-2:]  # two long articles
+    calls, fallbacks = [], []
+    block_attention, sdpa = fp.causal_block_attention, sa.sdpa_attention_forward
+    monkeypatch.setattr(fp, "causal_block_attention",
+                        lambda *a, **kw: calls.append(1) or block_attention(*a, **kw))
+    monkeypatch.setattr(sa, "sdpa_attention_forward",
+                        lambda *a, **kw: fallbacks.append(1) or sdpa(*a, **kw))
+    fast = extract_keys(model, tok, texts, window=256, overlap=64, batch_size=4)
+    slow = extract_keys(model, tok, texts, window=256, overlap=64, batch_size=4, fast=False)
+    # every window has > 64 positions (a later one: BOS + 64 of overlap + new
+    # tokens) and none carries a mask, so every layer of every batch took the
+    # block path, and only the fast run used it
+    windows = sum(len(plan_windows(len(ids), 256, 64, True)) for ids in tokenize(tok, texts))
+    n_batches = -(-windows // 4)
+    assert len(calls) == model.config.num_hidden_layers * n_batches and fallbacks == []
+    rel = np.abs(fast.keys - slow.keys).max() / np.abs(slow.keys).max()
+    assert rel < 1e-5, rel
