@@ -44,6 +44,7 @@ app: setup
 
 bench: setup
 	$(PY) benchmarks/bench_extraction.py
+	$(PY) benchmarks/bench_fastpath.py
 	$(PY) benchmarks/bench_datastore.py
 	$(PY) benchmarks/bench_decoder.py
 	$(PY) benchmarks/bench_finetune.py

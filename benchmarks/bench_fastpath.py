@@ -3,7 +3,8 @@
     python benchmarks/bench_fastpath.py [--repeats 7]
 
 At the shapes of one extraction batch of Gemma 3 270M (8 windows of 256
-tokens), each timing the median of ``--repeats`` calls:
+tokens), each timing the median of ``--repeats`` calls (the first two with
+``keep_freed_memory`` on, as ``extract_keys`` runs them):
 
 * GELU: ``F.gelu(x, approximate="tanh")`` against ``SigmoidGELU`` on the MLP
   activation (8 x 256 x 2048), and their largest difference;
@@ -81,6 +82,9 @@ def main() -> None:
         print(json.dumps(forward_in_this_process(args.child == "keep", args.repeats)))
         return
 
+    # as in extract_keys; otherwise every 16 MB result is a fresh mmap whose
+    # 4,096 page faults cost more than the GELU itself
+    keep_freed_memory()
     g = torch.Generator().manual_seed(0)
     res: dict = {"threads": torch.get_num_threads()}
     with torch.inference_mode():
