@@ -1,7 +1,8 @@
 """Faster CPU forward passes for key extraction: same model, same function.
 
 Explained in ``notebooks/01_hidden_states.ipynb``; measured by
-``benchmarks/bench_extraction.py``.  ``helpers.hidden.extract_keys`` uses all
+``benchmarks/bench_fastpath.py`` (each part) and
+``benchmarks/bench_extraction.py`` (the whole).  ``helpers.hidden.extract_keys`` uses all
 three through ``fast_forward``; each also stands alone:
 
 * ``keep_freed_memory``: glibc keeps big freed blocks instead of unmapping
@@ -31,8 +32,9 @@ def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 256) -> bool:
     By default glibc serves a block of 16 MB or more (one 8 x 256 x 2048
     float32 MLP activation of Gemma 3 270M) with a fresh ``mmap`` and unmaps
     it on free, so the next batch faults the same memory in again, 4 KB at a
-    time: 250,000 page faults per forward pass of 8 x 256 tokens here, about
-    10 % of its time.  This raises glibc's mmap threshold to ``mmap_mb`` (32 MB
+    time: 23,000-210,000 page faults per forward pass of 8 x 256 tokens in
+    three runs of ``benchmarks/bench_fastpath.py`` here, up to 11 % of its
+    time, varying from run to run.  This raises glibc's mmap threshold to ``mmap_mb`` (32 MB
     is its maximum) and lets up to ``trim_mb`` of free memory stay at the top
     of the heap.  The settings last for the rest of the process (glibc has no
     way to read them back).  Returns False, changing nothing, where the C
@@ -57,8 +59,8 @@ class SigmoidGELU(nn.Module):
     ``c = sqrt(2 / pi)``: the same function as
     ``F.gelu(x, approximate="tanh")``, equal to float rounding.  It is faster
     on a CPU because PyTorch's vectorised ``tanh`` costs about 3.5 sigmoids:
-    3.4 ms instead of 8.1 ms for one Gemma 3 270M MLP activation of 8 x 256
-    tokens (2 cores).  Elsewhere it calls ``F.gelu``: with gradients on (the
+    4.0 ms instead of 12.5 ms for one Gemma 3 270M MLP activation of 8 x 256
+    tokens (2 cores, ``bench_fastpath.py``).  Elsewhere it calls ``F.gelu``: with gradients on (the
     in-place steps would break autograd), on a GPU (where ``F.gelu`` is one
     fast kernel) and in bf16/fp16 (where ``F.gelu`` computes in float32 and
     rounds once, and these five steps would each round).
@@ -125,15 +127,15 @@ def causal_block_attention(module, query: torch.Tensor, key: torch.Tensor,
     position ``e`` only multiplies against keys ``[0, e)``.  The query heads
     that share a key head are stacked into one matrix, so each block is two
     ordinary matmuls and a softmax.  For ``T = 256`` and blocks of 64 that is
-    62.5 % of the full ``T x T`` work, where PyTorch's CPU flash kernel ran
-    no faster with ``is_causal=True`` than with a full mask (14.0 ms against
-    14.3 ms for 8 x 256 tokens) and this takes 11.4 ms.
+    62.5 % of the full ``T x T`` work.  PyTorch's CPU flash kernel gains
+    little from ``is_causal=True``: for 8 x 256 tokens of Gemma 3 270M it
+    takes 14.2 ms, this 11.2 ms (``bench_fastpath.py``).
 
     Anything else -- a GPU, a dtype other than float32 or autocast (SDPA's
-    fused kernels are the better choice there), a mask (padding, or a sliding window shorter
-    than the text), a KV cache, dropout, logit soft-capping, attention sinks,
-    a model that is not causal -- goes to transformers' own SDPA function
-    unchanged.
+    fused kernels are the better choice there), a mask (padding, or a sliding
+    window shorter than the text), a KV cache, dropout, logit soft-capping,
+    attention sinks, a model that is not causal -- goes to transformers' own
+    SDPA function unchanged.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
