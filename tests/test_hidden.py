@@ -130,5 +130,3 @@ def test_a_bidirectional_model_keeps_its_padding_mask(tiny):
     model.config.use_bidirectional_attention = False  # now the pads would leak in
     leaky = extract_keys(model, tok, TEXTS, window=64, overlap=8, batch_size=4)
     assert np.abs(leaky.keys - one.keys).max() > 1e-3
-
-
