@@ -1,5 +1,6 @@
 # Two commands for a newcomer (see README.md):
 #   make tutorial   set up .venv and run every notebook, in order, headless
+#                   (quick size; `make tutorial FULL=1` for the full size)
 #   make test       set up .venv and run the test suite (incl. notebooks, smoke size)
 
 PYTHON ?= python3
@@ -21,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
+FULL ?=
+
 tutorial: setup
-	$(PY) scripts/run_tutorial.py
+	$(PY) scripts/run_tutorial.py $(if $(FULL),--param FULL=$(FULL))
 
 test: setup chromium
 	MEMDEC_SMOKE=1 $(PY) -m pytest --nbval-lax tests notebooks

@@ -49,8 +49,11 @@ def answer_starts(tokenizer, texts: list[str]) -> np.ndarray:
 
 
 def heldout_eval(model, tokenizer, texts: list[str], model_name: str,
-                 window: int = 256, overlap: int = 64) -> HeldOut:
-    """Keys and ``p_base`` for every held-out target token (cached on disk)."""
+                 window: int = 256, overlap: int = 64, progress: bool = True) -> HeldOut:
+    """Keys and ``p_base`` for every held-out target token (cached on disk).
+
+    ``progress`` shows bars for the body and the head while it computes.
+    """
     texts = list(texts)
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in model_name)
     path = cache_dir("eval") / (f"{slug}-{corpus_fingerprint(texts)}-w{window}-o{overlap}"
@@ -58,7 +61,8 @@ def heldout_eval(model, tokenizer, texts: list[str], model_name: str,
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             return HeldOut(**{k: z[k] for k in z.files})
-    ex, p_base = base_target_probs(model, tokenizer, texts, window=window, overlap=overlap)
+    ex, p_base = base_target_probs(model, tokenizer, texts, window=window, overlap=overlap,
+                                   progress=progress)
     answer = ex.pos + 1 >= answer_starts(tokenizer, texts)[ex.doc]
     result = HeldOut(ex.keys, ex.values, ex.doc, ex.pos, p_base, answer)
     with atomic_file(path) as tmp, open(tmp, "wb") as fh:
@@ -74,7 +78,7 @@ def load_npz(path: Path) -> dict:
 
 @torch.inference_mode()
 def blend_curves(model, decoder, ev: HeldOut, rows: np.ndarray, alphas,
-                 chunk: int = 256) -> dict[str, np.ndarray]:
+                 chunk: int = 256, progress: bool = True) -> dict[str, np.ndarray]:
     """Held-out perplexity against α for both blends (notebook 04).
 
     ``"probs"``: ``(1-α)·p_base(y) + α·p_dec(y)`` needs only the two
@@ -82,7 +86,9 @@ def blend_curves(model, decoder, ev: HeldOut, rows: np.ndarray, alphas,
     ``log_softmax((1-α)·z + α·log p_dec)[y]`` (the original tutorial's formula,
     ``log p_dec`` clipped at ``LOG_FLOOR`` as in ``blend_logits``) needs the
     normaliser over the whole vocabulary, so the base model's head runs on
-    ``chunk`` keys at a time and each α costs one ``logsumexp``.
+    ``chunk`` keys at a time and each α costs one ``logsumexp``.  Only the
+    rows asked for are scored: pass several α at once rather than calling
+    twice on the same rows.
     Returns ``{"logits": (A,), "probs": (A,)}`` perplexities.
     """
     from .sampling import LOG_FLOOR
@@ -90,11 +96,16 @@ def blend_curves(model, decoder, ev: HeldOut, rows: np.ndarray, alphas,
 
     alphas = np.array([float(a) for a in alphas])                 # (A,)
     idx = np.flatnonzero(rows)
-    p_dec = decoder_target_probs(decoder, ev.keys, ev.doc, ev.values)[idx].astype(np.float64)
+    p_dec = decoder_target_probs(decoder, ev.keys, ev.doc, ev.values,
+                                 rows=idx).astype(np.float64)
     p_base = ev.p_base[idx].astype(np.float64)
     probs_nll = -np.log((1 - alphas[:, None]) * p_base + alphas[:, None] * p_dec).sum(1)
     logits_nll = np.zeros(len(alphas))
-    for i in range(0, len(idx), chunk):
+    starts = range(0, len(idx), chunk)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=f"blends at {len(alphas)} α", unit="chunk")
+    for i in starts:
         r = idx[i:i + chunk]
         z = head_logits(model, ev.keys[r])                                       # (C, V)
         x, pad = window_batch(ev.keys, ev.doc, r, decoder.config.window)
@@ -102,6 +113,6 @@ def blend_curves(model, decoder, ev: HeldOut, rows: np.ndarray, alphas,
         y = torch.as_tensor(ev.values[r], device=z.device)[:, None]
         z_y, mem_y = z.gather(1, y)[:, 0], mem.gather(1, y)[:, 0]                # (C,)
         for j, a in enumerate(alphas):
-            mixed = (1 - a) * z + a * mem if 0 < a < 1 else (mem if a == 1 else z)
+            mixed = torch.lerp(z, mem, float(a)) if 0 < a < 1 else (mem if a == 1 else z)
             logits_nll[j] -= ((1 - a) * z_y + a * mem_y - torch.logsumexp(mixed, -1)).sum().item()
     return {"logits": np.exp(logits_nll / len(idx)), "probs": np.exp(probs_nll / len(idx))}

@@ -5,8 +5,9 @@ Explained in ``notebooks/01_hidden_states.ipynb``; measured by
 ``benchmarks/bench_extraction.py`` (the whole).  ``helpers.hidden.extract_keys`` uses all
 three through ``fast_forward``; each also stands alone:
 
-* ``keep_freed_memory``: glibc keeps big freed blocks instead of unmapping
-  them, so the next batch does not fault the same memory in again.
+* ``freed_memory_kept``: glibc keeps big freed blocks instead of unmapping
+  them, so the next batch does not fault the same memory in again (CPU
+  only, and only inside the ``with`` block).
 * ``sigmoid_gelu``: the tanh-GELU written through a sigmoid (PyTorch's CPU
   ``tanh`` is slow).
 * ``causal_blocks``: causal attention that never computes the scores a causal
@@ -20,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import math
 import platform
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 256) -> bool:
     time, varying from run to run.  This raises glibc's mmap threshold to ``mmap_mb`` (32 MB
     is its maximum) and lets up to ``trim_mb`` of free memory stay at the top
     of the heap.  The settings last for the rest of the process (glibc has no
-    way to read them back).  Returns False, changing nothing, where the C
+    way to read them back; :func:`freed_memory_kept` scopes them to a
+    block).  Returns False, changing nothing, where the C
     library is not glibc (macOS, Windows, musl).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -49,6 +51,40 @@ def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 256) -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
     return (mallopt(m_mmap_threshold, mmap_mb << 20) == 1
             and mallopt(m_trim_threshold, trim_mb << 20) == 1)
+
+
+def restore_malloc_defaults() -> bool:
+    """Undo :func:`keep_freed_memory`: glibc's starting thresholds, free memory returned.
+
+    Both thresholds go back to glibc's initial 128 KiB and ``malloc_trim``
+    hands the kept blocks back to the OS.  One difference to a fresh process
+    remains: once set, glibc no longer moves the mmap threshold by itself.
+    Returns False where the C library is not glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    ok = libc.mallopt(-3, 128 << 10) == 1 and libc.mallopt(-1, 128 << 10) == 1
+    libc.malloc_trim(0)
+    return ok
+
+
+@contextmanager
+def freed_memory_kept():
+    """:func:`keep_freed_memory` for the body of a ``with`` block only.
+
+    ``extract_keys`` runs inside it, so a Jupyter kernel, Voila or a test
+    session keeps glibc's usual behaviour outside key extraction.
+    """
+    changed = keep_freed_memory()
+    try:
+        yield changed
+    finally:
+        if changed:
+            restore_malloc_defaults()
 
 
 class SigmoidGELU(nn.Module):
@@ -214,13 +250,16 @@ def _configs(model):
 
 @contextmanager
 def fast_forward(model, enabled: bool = True):
-    """``keep_freed_memory``, ``sigmoid_gelu`` and ``causal_blocks`` at once.
+    """``freed_memory_kept``, ``sigmoid_gelu`` and ``causal_blocks`` at once.
 
+    All three change nothing outside the ``with`` block.  The malloc setting is
+    applied only for a model on the CPU (the GPU allocator is not malloc), and
     ``enabled=False`` changes nothing, for comparisons.
     """
     if not enabled:
         yield
         return
-    keep_freed_memory()
-    with sigmoid_gelu(model), causal_blocks(model):
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    with (freed_memory_kept() if on_cpu else nullcontext()), sigmoid_gelu(model), \
+            causal_blocks(model):
         yield

@@ -204,7 +204,8 @@ def train_gate(domains: list[dict], *, features=FEATURES, hidden: int = 16,
 
 
 @torch.inference_mode()
-def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128) -> dict:
+def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128,
+                progress: bool = True) -> dict:
     """``features (N, F)``, ``p_base (N,)`` and ``p_dec (N,)`` of the true next tokens.
 
     ``keys``/``doc``/``values`` as in ``helpers.hidden.Extraction`` (or a
@@ -218,7 +219,11 @@ def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128) -> dict:
     feats = np.empty((n, len(FEATURES)), np.float32)
     p_base, p_dec = np.empty(n, np.float32), np.empty(n, np.float32)
     sparse = decoder.config.head == "store"  # head over the store's tokens: (C, V_s) suffices
-    for i in range(0, n, chunk):
+    starts = range(0, n, chunk)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="gate signals", unit="chunk")
+    for i in starts:
         rows = np.arange(i, min(i + chunk, n))
         base = head_logits(model, np.asarray(keys)[rows])                  # (C, V)
         x, pad = window_batch(keys, doc, rows, decoder.config.window)

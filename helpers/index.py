@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu import import_faiss
 from .datastore import Datastore
 from .paths import atomic_file, sha256_file
 
@@ -31,7 +32,7 @@ _GPU_RESOURCES = None  # one StandardGpuResources, created on first GPU use
 
 def _to_gpu(index, use_gpu):
     """Move ``index`` to GPU 0 when faiss sees a GPU (``use_gpu="auto"``)."""
-    import faiss
+    faiss = import_faiss()
     has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if use_gpu is True and not has_gpu:
         raise RuntimeError("use_gpu=True but this faiss has no GPU; install faiss-gpu "
@@ -57,7 +58,7 @@ def _on_gpu(index) -> bool:
 
 def set_nprobe(index, nprobe: int) -> None:
     """How many IVF cells a search visits (more: slower, more exact)."""
-    import faiss
+    faiss = import_faiss()
     if _on_gpu(index):
         if "IVF" in type(index).__name__:
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
@@ -67,7 +68,7 @@ def set_nprobe(index, nprobe: int) -> None:
 
 def _skip_polysemous_training(index) -> None:
     """Switch off PQ's polysemous step: ~10x slower, only Hamming search uses it."""
-    import faiss
+    faiss = import_faiss()
     for part in (index, faiss.try_extract_index_ivf(index)):
         if part is not None:
             part = faiss.downcast_index(part)
@@ -79,7 +80,7 @@ def build_index(store: Datastore, factory: str = "Flat", nprobe: int = 16,
                 use_gpu="auto", train_size: int = 100_000, seed: int = 0,
                 batch_size: int = 65_536):
     """A FAISS L2 index over ``store.keys`` (trained on a seeded sample if needed)."""
-    import faiss
+    faiss = import_faiss()
     index = faiss.index_factory(store.dim, factory, faiss.METRIC_L2)
     _skip_polysemous_training(index)
     if not index.is_trained:
@@ -100,7 +101,7 @@ def build_index(store: Datastore, factory: str = "Flat", nprobe: int = 16,
 
 def describe_index(index) -> str:
     """Structure of an index, e.g. ``"IndexIVFPQ nlist=4 pq=4x8"``."""
-    import faiss
+    faiss = import_faiss()
     parts = [type(index).__name__]
     if (ivf := faiss.try_extract_index_ivf(index)) is not None:
         parts.append(f"nlist={ivf.nlist}")
@@ -111,7 +112,7 @@ def describe_index(index) -> str:
 
 def _structure_on_disk(dim: int, factory: str) -> str:
     """What ``describe_index`` says after saving and loading an empty ``factory`` index."""
-    import faiss
+    faiss = import_faiss()
     empty = faiss.index_factory(dim, factory, faiss.METRIC_L2)
     return describe_index(faiss.deserialize_index(faiss.serialize_index(empty)))
 
@@ -131,7 +132,7 @@ def index_files(store: Datastore, factory: str | None = None) -> tuple[Path, Pat
 
 def save_index(index, store: Datastore, factory: str | None = None) -> Path:
     """Write the index (+ a JSON sidecar with its sha256) into the store folder."""
-    import faiss
+    faiss = import_faiss()
     cpu = faiss.index_gpu_to_cpu(index) if _on_gpu(index) else index
     target, sidecar = index_files(store, factory)
     with atomic_file(target) as tmp:
@@ -150,7 +151,7 @@ def load_index(store: Datastore, factory: str | None = None, nprobe: int = 16,
 
     An index file whose structure is not ``factory`` is refused.
     """
-    import faiss
+    faiss = import_faiss()
     file, meta_file = index_files(store, factory)
     if not (file.is_file() and meta_file.is_file()):
         raise FileNotFoundError(f"no saved {factory or 'Flat'} index in {store.path}; call "

@@ -152,17 +152,21 @@ def head_logits(model, keys) -> torch.Tensor:
 
 @torch.inference_mode()
 def base_target_probs(model, tokenizer, texts: list[str], window: int = 256,
-                      overlap: int = 64, batch_size: int = 8,
-                      head_chunk: int = 256) -> tuple[Extraction, np.ndarray]:
+                      overlap: int = 64, batch_size: int = 8, head_chunk: int = 256,
+                      progress: bool = False) -> tuple[Extraction, np.ndarray]:
     """Keys and the base model's ``p(true next token)`` ``(N,)`` from one pass.
 
     Rows are in ``extract_keys`` order.  The LM head runs on ``head_chunk``
     keys at a time, so the ``(chunk, vocab)`` logits stay small.
     """
     ex = extract_keys(model, tokenizer, texts, layer=-1, window=window,
-                      overlap=overlap, batch_size=batch_size)
+                      overlap=overlap, batch_size=batch_size, progress=progress)
     out = np.empty(len(ex.values), np.float32)
-    for i in range(0, len(out), head_chunk):
+    starts = range(0, len(out), head_chunk)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="base model's head", unit="chunk")
+    for i in starts:
         logits = head_logits(model, ex.keys[i:i + head_chunk])  # (C, V)
         target = torch.from_numpy(ex.values[i:i + head_chunk]).to(logits.device)
         logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]

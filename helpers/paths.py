@@ -42,13 +42,18 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def artifacts_dir(smoke: bool = False) -> Path:
+def artifacts_dir(tag: str = "") -> Path:
     """Folder for things the notebooks produce (metrics, checkpoints).
 
-    Smoke runs (``MEMDEC_SMOKE=1``, the tests) write to ``artifacts/smoke/``
-    so they never overwrite the results of a full run.
+    ``tag`` is the run's size (``helpers.sizes``): the quick default writes to
+    ``artifacts/quick/``, smoke runs (``MEMDEC_SMOKE=1``, the tests) to
+    ``artifacts/smoke/``, the full size to ``artifacts/`` itself, so no size
+    overwrites another's results.
     """
-    path = data_dir() / "artifacts" / ("smoke" if smoke else "")
+    if not isinstance(tag, str) or tag not in ("", "quick", "smoke"):
+        raise ValueError(f"artifacts_dir: tag must be '', 'quick' or 'smoke' (a size's "
+                         f"tag, helpers.sizes); got {tag!r}.")
+    path = data_dir() / "artifacts" / tag
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -105,15 +110,16 @@ def save_checkpoint(module, config: dict, folder) -> Path:
     return folder
 
 
-def update_metrics(values: dict, path: Path | None = None, smoke: bool = False) -> dict:
+def update_metrics(values: dict, path: Path | None = None, tag: str = "") -> dict:
     """Merge ``values`` into ``data/artifacts/metrics.json`` (atomically).
 
     Notebooks 02-04 each add their figures; the README and later notebooks
-    read them back.  Returns the merged dictionary.
+    read them back.  ``tag``: the run's size, as for :func:`artifacts_dir`.
+    Returns the merged dictionary.
     """
     import json
 
-    path = Path(path) if path else artifacts_dir(smoke) / "metrics.json"
+    path = Path(path) if path else artifacts_dir(tag) / "metrics.json"
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update(values)
     with atomic_file(path) as tmp:

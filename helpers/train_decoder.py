@@ -244,11 +244,13 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
 
 @torch.inference_mode()
 def decoder_target_probs(decoder: MemoryDecoder, keys, doc, values, W: int | None = None,
-                         batch_size: int = 1024) -> np.ndarray:
-    """``p_dec(true next token)`` for every row ``(N,)`` float32, e.g. held-out text.
+                         batch_size: int = 1024, rows=None) -> np.ndarray:
+    """``p_dec(true next token)`` float32 for each of ``rows`` (default: every row).
 
     ``keys``/``doc``/``values`` as in ``helpers.hidden.Extraction`` (rows in
-    document and position order).  Tokens the head lacks get ``exp(-30)``.
+    document and position order; each window reads the rows before it, so
+    pass the full arrays and select with ``rows``).  Tokens the head lacks
+    get ``exp(-30)``.
     """
     W = decoder.config.window if W is None else W
     if W != decoder.config.window:
@@ -257,12 +259,13 @@ def decoder_target_probs(decoder: MemoryDecoder, keys, doc, values, W: int | Non
     device = next(decoder.parameters()).device
     was_training = decoder.training
     decoder.eval()
-    out = np.empty(len(values), np.float32)
-    for i in range(0, len(values), batch_size):
-        rows = np.arange(i, min(i + batch_size, len(values)))
-        x, pad = window_batch(keys, doc, rows, W)
-        target = torch.as_tensor(np.asarray(values)[rows], dtype=torch.long)
+    wanted = np.arange(len(values)) if rows is None else np.asarray(rows, dtype=np.int64)
+    out = np.empty(len(wanted), np.float32)
+    for i in range(0, len(wanted), batch_size):
+        batch = wanted[i:i + batch_size]
+        x, pad = window_batch(keys, doc, batch, W)
+        target = torch.as_tensor(np.asarray(values)[batch], dtype=torch.long)
         logp = decoder.log_prob_of(x.to(device), target, pad.to(device))
-        out[rows] = logp.exp().cpu().numpy()
+        out[i:i + len(batch)] = logp.exp().cpu().numpy()
     decoder.train(was_training)
     return out

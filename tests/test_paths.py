@@ -32,11 +32,20 @@ def test_atomic_dir_replaces_an_old_version_whole(tmp_path):
     assert [p.name for p in target.iterdir()] == ["new"]
 
 
-def test_smoke_runs_keep_their_metrics_apart_from_full_runs(data_dir):
+def test_each_size_keeps_its_metrics_apart(data_dir):
     update_metrics({"base_ppl": 9.2})
-    update_metrics({"base_ppl": 30.0}, smoke=True)
-    full = json.loads((data_dir / "artifacts" / "metrics.json").read_text())
-    assert full == {"base_ppl": 9.2}
+    update_metrics({"base_ppl": 30.0}, tag="smoke")
+    update_metrics({"base_ppl": 9.9}, tag="quick")
+    read = lambda *p: json.loads((data_dir.joinpath("artifacts", *p, "metrics.json")).read_text())
+    assert read() == {"base_ppl": 9.2}
+    assert read("quick") == {"base_ppl": 9.9}
+    assert read("smoke") == {"base_ppl": 30.0}
+
+
+def test_an_unknown_size_tag_is_refused(data_dir):
+    from helpers.paths import artifacts_dir
+    with pytest.raises(ValueError, match="'', 'quick' or 'smoke'"):
+        artifacts_dir(True)
 
 
 def test_benchmark_results_are_saved_as_json_and_printed(data_dir, capsys):

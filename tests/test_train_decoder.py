@@ -239,3 +239,14 @@ def test_decoder_target_probs_read_the_true_token_from_the_full_distribution(set
     assert p.dtype == np.float32 and p.shape == (len(store),)
     np.testing.assert_allclose(p, expect, rtol=1e-5)
     assert p[7] == pytest.approx(np.exp(-30.0))
+
+
+def test_decoder_target_probs_of_some_rows_equal_those_rows_of_all(setup):
+    """Scoring a subset (e.g. the test half) reads each window from the full arrays."""
+    store, _, _ = setup
+    decoder = tiny_decoder(store, window=3).eval()
+    rows = np.array([0, 5, 6, 31, len(store) - 1])
+    every = decoder_target_probs(decoder, store.keys, store.doc, store.values, batch_size=7)
+    some = decoder_target_probs(decoder, store.keys, store.doc, store.values, batch_size=2,
+                                rows=rows)
+    np.testing.assert_allclose(some, every[rows], rtol=1e-6)

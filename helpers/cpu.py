@@ -1,0 +1,129 @@
+"""What this CPU can do, detected rather than assumed, and FAISS's BLAS set to match.
+
+Used by ``helpers.index`` (every FAISS import goes through :func:`import_faiss`)
+and printed by notebook 02.  Machines of the same size differ: an AMD EPYC with
+AVX2 only, an Intel Xeon with AVX-512 and fast bf16.  Two things follow:
+
+* The OpenBLAS that faiss-cpu bundles (0.3.15 in faiss-cpu 1.15.1) predates some
+  CPUs and then falls back to its generic "Prescott" kernels, about 3x slower
+  for exact search (~22 against ~72 GFLOP/s seen on an AVX-512 Xeon).  OpenBLAS
+  reads ``OPENBLAS_CORETYPE`` when it loads, so :func:`import_faiss` asks a
+  short-lived subprocess which kernel it would pick and, on a fallback, sets the
+  variable (``SkylakeX`` with AVX-512, ``Haswell`` with AVX2) before FAISS loads.
+* bf16 matmuls are fast only with AVX-512-bf16 or AMX (:func:`fast_bf16`);
+  elsewhere PyTorch emulates them, 8x slower than float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+GENERIC = {"prescott", "core2", "nehalem", "katmai", "coppermine", "northwood", "banias",
+           "atom", "unknown"}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def fast_bf16() -> bool:
+    """True where bf16 matmuls run natively on this CPU (AVX-512-bf16 or AMX)."""
+    flags = cpu_flags()
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def _bundled_openblas() -> Path | None:
+    """faiss-cpu's own OpenBLAS library, found without importing faiss."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("faiss")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = Path(list(spec.submodule_search_locations)[0]).parent / "faiss_cpu.libs"
+    found = sorted(libs.glob("libopenblas*.so*")) if libs.is_dir() else []
+    return found[0] if found else None
+
+
+def openblas_kernel(library: Path | None = None, env: dict | None = None) -> str | None:
+    """The kernel family OpenBLAS picks for this CPU (e.g. ``Zen``, ``Prescott``).
+
+    Asked in a subprocess, so the answer does not depend on (or change) this
+    process.  ``None`` where there is no bundled OpenBLAS or it cannot say.
+    """
+    library = library or _bundled_openblas()
+    if library is None:
+        return None
+    code = ("import ctypes,sys; lib = ctypes.CDLL(sys.argv[1]); "
+            "lib.openblas_get_corename.restype = ctypes.c_char_p; "
+            "print(lib.openblas_get_corename().decode())")
+    env = dict(os.environ if env is None else env)  # its libgfortran lies beside it
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(library.parent),
+                                                           env.get("LD_LIBRARY_PATH")]))
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(library)], capture_output=True,
+                             text=True, timeout=30, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def better_coretype(kernel: str | None, flags=None) -> str | None:
+    """The ``OPENBLAS_CORETYPE`` to use instead of a generic ``kernel``, or None."""
+    flags = cpu_flags() if flags is None else flags
+    if kernel is None or kernel.lower() not in GENERIC:
+        return None
+    if "avx512f" in flags and "avx512bw" in flags:
+        return "SkylakeX"
+    if "avx2" in flags and "fma" in flags:
+        return "Haswell"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def prepare_openblas() -> str:
+    """Set ``OPENBLAS_CORETYPE`` if faiss's OpenBLAS would fall back; say what was found.
+
+    Must run before faiss is imported (OpenBLAS reads the variable at load).
+    Leaves a value the user set alone.
+    """
+    if "OPENBLAS_CORETYPE" in os.environ:
+        return f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} (set by you)"
+    if "faiss" in sys.modules:
+        return "faiss was imported already: OpenBLAS kernel left as it chose"
+    kernel = openblas_kernel()
+    better = better_coretype(kernel)
+    if better is None:
+        return f"faiss's OpenBLAS kernel: {kernel or 'unknown'}"
+    os.environ["OPENBLAS_CORETYPE"] = better
+    return (f"faiss's OpenBLAS does not know this CPU (it would use its generic {kernel} "
+            f"kernels): set OPENBLAS_CORETYPE={better}")
+
+
+def import_faiss():
+    """``import faiss``, after :func:`prepare_openblas`."""
+    prepare_openblas()
+    import faiss
+
+    return faiss
+
+
+def describe() -> str:
+    """One line on what was detected, for a notebook to print."""
+    flags = cpu_flags()
+    simd = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+            else "no AVX2" if flags else "unknown SIMD")
+    bf16 = ("fast bf16 (AVX-512-bf16/AMX)" if fast_bf16()
+            else "no fast bf16 (float32 is faster here)")
+    return f"CPU: {simd}, {bf16}; {prepare_openblas()}"

@@ -1,0 +1,52 @@
+"""CPU detection (helpers.cpu): FAISS's bundled OpenBLAS gets a kernel that fits the CPU."""
+
+import os
+
+import pytest
+
+from helpers import cpu
+
+AVX512 = frozenset({"avx2", "fma", "avx512f", "avx512bw"})
+AVX2 = frozenset({"avx2", "fma"})
+
+
+@pytest.mark.parametrize("kernel,flags,expected", [
+    ("Prescott", AVX512, "SkylakeX"),   # a Xeon that OpenBLAS 0.3.15 does not recognise
+    ("Prescott", AVX2, "Haswell"),
+    ("Prescott", frozenset({"sse4_2"}), None),  # nothing better to offer
+    ("Zen", AVX2, None),                # recognised: left alone
+    ("SkylakeX", AVX512, None),
+    (None, AVX512, None),               # no OpenBLAS to ask
+])
+def test_only_a_generic_kernel_on_a_capable_cpu_is_replaced(kernel, flags, expected):
+    assert cpu.better_coretype(kernel, flags) == expected
+
+
+@pytest.mark.skipif(cpu._bundled_openblas() is None, reason="this faiss bundles no OpenBLAS")
+def test_the_bundled_openblas_is_asked_in_a_subprocess_and_obeys_the_variable():
+    forced = cpu.openblas_kernel(env={**os.environ, "OPENBLAS_CORETYPE": "Prescott"})
+    assert forced == "Prescott"
+    assert cpu.openblas_kernel() not in (None, "")
+
+
+def test_a_coretype_the_user_set_is_left_alone(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    cpu.prepare_openblas.cache_clear()
+    try:
+        assert cpu.prepare_openblas() == "OPENBLAS_CORETYPE=Haswell (set by you)"
+    finally:
+        cpu.prepare_openblas.cache_clear()
+
+
+def test_fast_bf16_needs_avx512_bf16_or_amx(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: AVX512)
+    assert not cpu.fast_bf16()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: AVX512 | {"avx512_bf16"})
+    assert cpu.fast_bf16()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: AVX2 | {"amx_bf16"})
+    assert cpu.fast_bf16()
+
+
+def test_the_description_names_what_was_detected():
+    line = cpu.describe()
+    assert line.startswith("CPU: ") and "bf16" in line and ("OpenBLAS" in line or "faiss" in line)

@@ -1,0 +1,49 @@
+"""scripts/run_tutorial.py: what `make tutorial` calls (sizes, progress, peak memory)."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import run_tutorial  # noqa: E402
+
+
+@pytest.mark.parametrize("text,full", [("1", True), ("True", True), ("yes", True),
+                                       ("0", False), ("False", False), ("", False)])
+def test_make_tutorial_full_flag_reads_as_a_boolean(text, full):
+    assert run_tutorial.parse_params([f"FULL={text}"]) == {"FULL": full}
+
+
+def test_a_full_value_that_is_not_a_boolean_stops_with_what_to_type():
+    with pytest.raises(SystemExit, match="use FULL=True or FULL=False"):
+        run_tutorial.parse_params(["FULL=2"])
+
+
+def test_other_parameters_are_python_literals_or_strings():
+    assert run_tutorial.parse_params(["W=1", "DECODER_LR=3e-3", "MODEL_NAME=google/gemma-2b"]) \
+        == {"W": 1, "DECODER_LR": 3e-3, "MODEL_NAME": "google/gemma-2b"}
+
+
+def test_a_parameter_without_a_value_is_refused():
+    with pytest.raises(SystemExit, match="expected NAME=VALUE"):
+        run_tutorial.parse_params(["W"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_peak_memory_of_a_child_process_is_seen_while_it_runs():
+    code = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(3)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        peak = 0
+        for _ in range(40):
+            time.sleep(0.1)
+            peak = max(peak, run_tutorial.peak_rss_of_children())
+            if peak > 200 * 2**20:
+                break
+        assert peak > 200 * 2**20
+    finally:
+        child.kill()
+        child.wait()
