@@ -5,10 +5,13 @@ the size are ``None`` there ("by size") and are filled in from one
 :class:`Size` right after the cell, so notebooks 02-05 always agree on the
 datastore, and an override such as ``--param NUM_EPOCHS=3`` still wins.
 
-* **quick** (default): every third training article (121 of 364, 61k stored
-  tokens), all 40 held-out articles, a short training.  Each notebook runs in a
-  few minutes on 2 CPU cores and still shows its lesson in its own numbers.
-* **full** (``FULL = True``): the whole training split; the README's full table.
+* **quick** (default): one training article in three (122 of 364, 59k stored
+  tokens), the first 256 tokens of each of the 40 held-out articles, and 3
+  epochs of the original's ``W = 1`` decoder at lr 3e-3.  Each notebook runs in
+  a few minutes on 2 CPU cores and still shows its lesson in its own numbers.
+* **full** (``FULL = True``): the whole training split, whole held-out
+  articles, 12 epochs of the ``W = 4`` decoder at lr 1e-3: the README's full
+  table.
 * **smoke** (``MEMDEC_SMOKE=1``, the tests): a dozen articles, seconds.
 
 The README's "Two sizes" table gives the times and perplexities of each.
@@ -29,6 +32,8 @@ class Size:
     eval_tokens: int | None        # first tokens of each scored text (None = whole text)
     offdomain_docs: int | None     # off-domain documents per source, notebook 04
     epochs: int                    # MemoryDecoder training epochs, notebook 03
+    window: int                    # W: base states the decoder reads (1 = the original's)
+    lr: float                      # DECODER_LR: peak learning rate of the decoder
     max_steps: int | None          # hard cap on training steps (smoke only)
     ablation_epochs: int           # budget of each W=1 / W=4 ablation run (0 = skip)
     layer_train_docs: int          # notebook 01's layer study: stored articles
@@ -77,17 +82,17 @@ class Size:
 
 SIZES = {
     "smoke": Size("smoke", train_every=1, train_docs=12, eval_docs=4, eval_tokens=None,
-                  offdomain_docs=3, epochs=1, max_steps=40, ablation_epochs=1,
-                  layer_train_docs=8, layer_query_docs=4, layer_max_tokens=64,
-                  throughput_docs=6, max_new_tokens=8, cost_rounds=1),
+                  offdomain_docs=3, epochs=1, window=4, lr=1e-3, max_steps=40,
+                  ablation_epochs=1, layer_train_docs=8, layer_query_docs=4,
+                  layer_max_tokens=64, throughput_docs=6, max_new_tokens=8, cost_rounds=1),
     "quick": Size("quick", train_every=3, train_docs=None, eval_docs=None, eval_tokens=256,
-                  offdomain_docs=None, epochs=3, max_steps=None, ablation_epochs=0,
-                  layer_train_docs=30, layer_query_docs=10, layer_max_tokens=128,
-                  throughput_docs=16, max_new_tokens=32, cost_rounds=1),
+                  offdomain_docs=None, epochs=3, window=1, lr=3e-3, max_steps=None,
+                  ablation_epochs=0, layer_train_docs=30, layer_query_docs=10,
+                  layer_max_tokens=128, throughput_docs=16, max_new_tokens=32, cost_rounds=1),
     "full": Size("full", train_every=1, train_docs=None, eval_docs=None, eval_tokens=None,
-                 offdomain_docs=None, epochs=12, max_steps=None, ablation_epochs=1,
-                 layer_train_docs=60, layer_query_docs=20, layer_max_tokens=192,
-                 throughput_docs=32, max_new_tokens=40, cost_rounds=3),
+                 offdomain_docs=None, epochs=12, window=4, lr=1e-3, max_steps=None,
+                 ablation_epochs=1, layer_train_docs=60, layer_query_docs=20,
+                 layer_max_tokens=192, throughput_docs=32, max_new_tokens=40, cost_rounds=3),
 }
 
 
