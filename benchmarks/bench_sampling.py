@@ -1,9 +1,10 @@
 """Benchmark: per-token generation latency of each mode, in one run.
 
-    python benchmarks/bench_sampling.py [--context 200] [--tokens 24] [--repeats 3]
+    python benchmarks/bench_sampling.py [--quick] [--context 200] [--tokens 24] [--repeats 3]
 
 On the embedded model with the full datastore (notebook 02) and the trained
-decoder (notebook 03; the gate of notebook 04 if it exists), after a
+decoder (notebook 03; the gate of notebook 04 if it exists), or with the quick
+size's (``--quick``: the notebooks' default, ``helpers/sizes.py``), after a
 ``--context``-token prompt taken from a training article:
 
 * base:      ``generate(mode="base")``: one KV-cached forward per token;
@@ -22,7 +23,8 @@ Per-token time is the wall time between two yielded tokens (the prompt's
 forward, the first step, is excluded), the median over ``--repeats``
 interleaved rounds whose order rotates, so every mode sees the same machine
 load; the original-style loop runs after them.  Ratios are
-against base in the same run.  Writes ``data/artifacts/bench_sampling.json``.
+against base in the same run.  Writes ``data/artifacts/bench_sampling.json``
+(``bench_sampling_quick.json`` with ``--quick``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from helpers.index import load_or_build_index
 from helpers.model import EMBEDDED_MODEL, load_base_model
 from helpers.paths import artifacts_dir, write_results
 from helpers.sampling import generate, ms_per_token, original_style_step
+from helpers.sizes import pick_size
 
 
 @torch.inference_mode()
@@ -51,13 +54,13 @@ def original_ms(model, ids, decoder, tokens: int) -> float:
     return (time.perf_counter() - tic) / tokens * 1e3
 
 
-def heldout_knn_ppl(model, tok, store, indexes: dict, k: int, lam: float = 0.5,
+def heldout_knn_ppl(model, tok, store, indexes: dict, k: int, size, lam: float = 0.5,
                     temperature: float = 300.0) -> dict:
     """kNN-LM test perplexity (held-out EU law) with each index, same K, T and λ."""
     from helpers.evaluation import heldout_eval
     from helpers.knn import interpolate, knn_prob_of, lookup_values, perplexity, search
 
-    held = list(split_by_document(load_corpus("eu-law"))["heldout"]["text"])
+    held = size.shorten(split_by_document(load_corpus("eu-law"))["heldout"]["text"], tok)
     ev = heldout_eval(model, tok, held, EMBEDDED_MODEL)
     t = ev.test
     out = {}
@@ -70,6 +73,8 @@ def heldout_knn_ppl(model, tok, store, indexes: dict, k: int, lam: float = 0.5,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="the quick size's store, decoder and gate (the notebooks' default)")
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=24, help="new tokens per measurement")
     ap.add_argument("--original-tokens", type=int, default=4)
@@ -78,24 +83,27 @@ def main() -> None:
     ap.add_argument("--index", default="IVF1024,Flat", help="FAISS factory for kNN mode")
     ap.add_argument("--nprobe", type=int, default=32)
     args = ap.parse_args()
+    size = pick_size(not args.quick)
+    out = artifacts_dir(size.tag)
 
     model, tok = load_base_model(EMBEDDED_MODEL)
     texts = list(split_by_document(load_corpus("eu-law"))["train"]["text"])
     long = next(t for t in texts if len(tok(t)["input_ids"]) > args.context + 10)
     ids = tok(long)["input_ids"][:args.context]
     prompt = tok.decode(ids[1:])  # without BOS: generate adds it back
-    path = default_store_path(EMBEDDED_MODEL, "eu-law")
+    path = default_store_path(EMBEDDED_MODEL, "eu-law", tag=size.tag)
     if not (path / "manifest.json").exists():
-        raise SystemExit(f"No datastore at {path}: run notebooks/02_datastore_knn_lm.ipynb.")
+        raise SystemExit(f"No datastore at {path}: run notebooks/02_datastore_knn_lm.ipynb "
+                         f"at the {size.name} size first.")
     store = Datastore.open(path)
     flat = load_or_build_index(store)
     index = load_or_build_index(store, args.index, nprobe=args.nprobe)
-    decoder = load_decoder(artifacts_dir() / "memory_decoder", base_model_name=EMBEDDED_MODEL,
+    decoder = load_decoder(out / "memory_decoder", base_model_name=EMBEDDED_MODEL,
                            tokenizer=tok, store=store)
     gate = None
-    if (artifacts_dir() / "alpha_gate" / "config.json").exists():
+    if (out / "alpha_gate" / "config.json").exists():
         from helpers.gate import load_gate
-        gate = load_gate(artifacts_dir() / "alpha_gate", decoder=decoder)
+        gate = load_gate(out / "alpha_gate", decoder=decoder)
 
     common = dict(temperature=0, top_k=None, max_new_tokens=args.tokens + 1, seed=0)
     runs = {"base": dict(mode="base"),
@@ -118,10 +126,11 @@ def main() -> None:
         per_mode["original"].append(original_ms(model, original_ids, decoder,
                                                 args.original_tokens))
     ms = {name: statistics.median(v) for name, v in per_mode.items()}
-    results = {"context_tokens": len(original_ids[0]), "new_tokens": args.tokens,
+    results = {"size": size.name, "decoder_window": decoder.config.window,
+               "context_tokens": len(original_ids[0]), "new_tokens": args.tokens,
                "repeats": args.repeats, "threads": torch.get_num_threads(),
                "knn_index": f"{args.index}, nprobe {args.nprobe}", "k": args.k,
-               **heldout_knn_ppl(model, tok, store, {"flat": flat, "ivf": index}, args.k),
+               **heldout_knn_ppl(model, tok, store, {"flat": flat, "ivf": index}, args.k, size),
                **{f"{name}_ms_per_token": round(v, 2) for name, v in ms.items()},
                "memdec_over_base": ms["memdec"] / ms["base"],
                "knn_over_base": ms["knn"] / ms["base"],
@@ -129,7 +138,7 @@ def main() -> None:
                "original_over_memdec": ms["original"] / ms["memdec"]}
     if "adaptive" in ms:
         results["adaptive_over_base"] = ms["adaptive"] / ms["base"]
-    write_results("bench_sampling", results)
+    write_results("bench_sampling" + ("_quick" if args.quick else ""), results)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128,
             dec = decoder.log_probs_full(x, pad)                           # (C, V)
             feats[rows] = gate_features(base, dec).cpu().numpy()
             p_dec[rows] = torch.log_softmax(dec, -1).gather(1, y)[:, 0].exp().numpy()
-        p_base[rows] = torch.log_softmax(base, -1).gather(1, y)[:, 0].exp().numpy()
+        p_base[rows] = (base.gather(1, y)[:, 0] - torch.logsumexp(base, -1)).exp().numpy()
     return {"features": feats, "p_base": p_base, "p_dec": p_dec}
 
 

@@ -5,9 +5,9 @@ the size are ``None`` there ("by size") and are filled in from one
 :class:`Size` right after the cell, so notebooks 02-05 always agree on the
 datastore, and an override such as ``--param NUM_EPOCHS=3`` still wins.
 
-* **quick** (default): one training article in three (122 of 364, 59k stored
-  tokens), the first 256 tokens of each of the 40 held-out articles, and 3
-  epochs of the original's ``W = 1`` decoder at lr 3e-3.  Each notebook runs in
+* **quick** (default): one training article in four (91 of 364), the first 192
+  tokens of each of the 40 held-out articles (and of 10 off-domain documents
+  per source), and 3 epochs of the original's ``W = 1`` decoder at lr 3e-3.  Each notebook runs in
   a few minutes on 2 CPU cores and still shows its lesson in its own numbers.
 * **full** (``FULL = True``): the whole training split, whole held-out
   articles, 12 epochs of the ``W = 4`` decoder at lr 1e-3: the README's full
@@ -31,6 +31,7 @@ class Size:
     eval_docs: int | None          # held-out articles scored (None = all 40)
     eval_tokens: int | None        # first tokens of each scored text (None = whole text)
     offdomain_docs: int | None     # off-domain documents per source, notebook 04
+    blend_points: int              # α values on notebook 04's blend curves
     epochs: int                    # MemoryDecoder training epochs, notebook 03
     window: int                    # W: base states the decoder reads (1 = the original's)
     lr: float                      # DECODER_LR: peak learning rate of the decoder
@@ -58,7 +59,7 @@ class Size:
 
         Scoring a token needs the base model's 262,144-wide head, so the quick
         size scores the start of every held-out article rather than fewer
-        articles: the same 20 + 20 articles, a third of the tokens.
+        articles: the same 20 + 20 articles, about a third of the tokens.
         """
         texts = [str(t) for t in texts]
         if self.eval_tokens is None:
@@ -82,16 +83,16 @@ class Size:
 
 SIZES = {
     "smoke": Size("smoke", train_every=1, train_docs=12, eval_docs=4, eval_tokens=None,
-                  offdomain_docs=3, epochs=1, window=4, lr=1e-3, max_steps=40,
-                  ablation_epochs=1, layer_train_docs=8, layer_query_docs=4,
+                  offdomain_docs=3, blend_points=6, epochs=1, window=4, lr=1e-3,
+                  max_steps=40, ablation_epochs=1, layer_train_docs=8, layer_query_docs=4,
                   layer_max_tokens=64, throughput_docs=6, max_new_tokens=8, cost_rounds=1),
-    "quick": Size("quick", train_every=3, train_docs=None, eval_docs=None, eval_tokens=256,
-                  offdomain_docs=None, epochs=3, window=1, lr=3e-3, max_steps=None,
-                  ablation_epochs=0, layer_train_docs=30, layer_query_docs=10,
-                  layer_max_tokens=128, throughput_docs=16, max_new_tokens=32, cost_rounds=1),
+    "quick": Size("quick", train_every=4, train_docs=None, eval_docs=None, eval_tokens=192,
+                  offdomain_docs=10, blend_points=6, epochs=3, window=1, lr=3e-3,
+                  max_steps=None, ablation_epochs=0, layer_train_docs=30, layer_query_docs=10,
+                  layer_max_tokens=128, throughput_docs=16, max_new_tokens=24, cost_rounds=1),
     "full": Size("full", train_every=1, train_docs=None, eval_docs=None, eval_tokens=None,
-                 offdomain_docs=None, epochs=12, window=4, lr=1e-3, max_steps=None,
-                 ablation_epochs=1, layer_train_docs=60, layer_query_docs=20,
+                 offdomain_docs=None, blend_points=11, epochs=12, window=4, lr=1e-3,
+                 max_steps=None, ablation_epochs=1, layer_train_docs=60, layer_query_docs=20,
                  layer_max_tokens=192, throughput_docs=32, max_new_tokens=40, cost_rounds=3),
 }
 

@@ -50,19 +50,27 @@ def parse_params(items: list[str]) -> dict:
     return params
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child pids, from ``/proc/<pid>/task/*/children`` (Linux)."""
+    kids = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(p) for p in path.read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
 def peak_rss_of_children() -> int:
     """Largest peak resident memory (VmHWM, bytes) among this process's children.
 
     The notebook's kernel is a child process; Linux keeps its high-water mark
     in ``/proc/<pid>/status``.  Returns 0 where ``/proc`` does not exist.
     """
-    me, peak = str(os.getpid()), 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    peak = 0
+    for pid in _children(os.getpid()):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if fields[1] != me:  # field 4 of /proc/<pid>/stat: parent pid
-                continue
-            for line in (stat.parent / "status").read_text().splitlines():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     peak = max(peak, int(line.split()[1]) * 1024)
         except (OSError, IndexError, ValueError):
@@ -107,7 +115,7 @@ class Progress:
         print(f"   [{self.name} cell {cell_index}/{self.n_cells - 1}, "
               f"{time.perf_counter() - self.start:4.0f} s] {first[:70]}", flush=True)
 
-    def on_cell_complete(self, cell, cell_index, **_):
+    def on_cell_executed(self, cell, cell_index, **_):
         took = time.perf_counter() - self.cell_start
         if cell.cell_type == "code" and took >= 20:
             print(f"      cell {cell_index} took {took:.0f} s", flush=True)
@@ -146,7 +154,7 @@ def main() -> int:
             pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters=params,
                                 cwd=str(nb.parent), kernel_name="python3",
                                 progress_bar=False, on_cell_start=progress.on_cell_start,
-                                on_cell_complete=progress.on_cell_complete)
+                                on_cell_executed=progress.on_cell_executed)
         seconds = time.perf_counter() - tic
         summary.append({"notebook": nb.name, "seconds": round(seconds, 1),
                         "peak_rss_mb": round(progress.peak / 2**20) or None})

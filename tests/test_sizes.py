@@ -17,13 +17,22 @@ def test_full_must_be_a_boolean_and_the_error_says_how_to_set_it(value):
         pick_size(value)
 
 
-def test_the_quick_store_takes_every_third_article_in_corpus_order():
+def test_the_quick_store_takes_every_fourth_article_in_corpus_order():
     articles = [f"article {i}" for i in range(10)]
-    assert SIZES["quick"].train_texts(articles) == ["article 0", "article 3", "article 6",
-                                                    "article 9"]
+    assert SIZES["quick"].train_texts(articles) == ["article 0", "article 4", "article 8"]
     assert SIZES["full"].train_texts(articles) == articles
     assert SIZES["smoke"].train_texts(articles * 2) == (articles * 2)[:12]
-    assert SIZES["quick"].train_texts(articles, limit=2) == ["article 0", "article 3"]
+    assert SIZES["quick"].train_texts(articles, limit=2) == ["article 0", "article 4"]
+
+
+def test_shorten_cuts_texts_to_their_first_tokens_and_keeps_short_ones(tiny):
+    _, tok = tiny
+    quick = SIZES["quick"]
+    long_text = " ".join(["the"] * (quick.eval_tokens + 50))
+    short, kept = quick.shorten([long_text, "the data subject"], tok)
+    assert len(tok(short, add_special_tokens=False)["input_ids"]) == quick.eval_tokens
+    assert long_text.startswith(short) and kept == "the data subject"
+    assert SIZES["full"].shorten([long_text], tok) == [long_text]
 
 
 def test_a_knob_set_in_the_notebook_wins_over_the_size():
