@@ -84,6 +84,7 @@ class Progress:
     def __init__(self, name: str, n_cells: int, every: float = 60.0):
         self.name, self.n_cells, self.every = name, n_cells, every
         self.cell, self.cell_start, self.peak = None, time.perf_counter(), 0
+        self.last_beat = self.cell_start
         self.start = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -97,12 +98,11 @@ class Progress:
         self._thread.join()
 
     def _watch(self):
-        last = time.perf_counter()
         while not self._stop.wait(1.0):
             self.peak = max(self.peak, peak_rss_of_children())
             now = time.perf_counter()
-            if self.cell is not None and now - last >= self.every:
-                last = now
+            if self.cell is not None and now - self.last_beat >= self.every:
+                self.last_beat = now
                 print(f"      ... cell {self.cell} still running: {now - self.cell_start:.0f} s "
                       f"(notebook {now - self.start:.0f} s)", flush=True)
 
@@ -111,7 +111,8 @@ class Progress:
             return
         lines = [ln for ln in cell.source.splitlines() if ln.strip() and not ln.startswith("#")]
         first = (lines[0] if lines else "").strip()
-        self.cell, self.cell_start = cell_index, time.perf_counter()
+        self.cell = cell_index
+        self.cell_start = self.last_beat = time.perf_counter()
         print(f"   [{self.name} cell {cell_index}/{self.n_cells - 1}, "
               f"{time.perf_counter() - self.start:4.0f} s] {first[:70]}", flush=True)
 

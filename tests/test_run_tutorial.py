@@ -47,3 +47,17 @@ def test_peak_memory_of_a_child_process_is_seen_while_it_runs():
     finally:
         child.kill()
         child.wait()
+
+
+def test_each_code_cell_is_announced_and_a_long_one_gets_a_heartbeat(capsys):
+    from types import SimpleNamespace
+    cell = SimpleNamespace(cell_type="code", source="# comment\nx = train(model)\n")
+    with run_tutorial.Progress("03", 5, every=0.5) as progress:
+        progress.on_cell_start(cell, 2)
+        time.sleep(1.6)
+        progress.on_cell_executed(cell, 2)
+        progress.on_cell_start(SimpleNamespace(cell_type="markdown", source="# Title"), 3)
+    out = capsys.readouterr().out
+    assert "[03 cell 2/4" in out and "x = train(model)" in out
+    assert "cell 2 still running" in out
+    assert "cell 3" not in out  # markdown cells are not announced
