@@ -76,7 +76,7 @@ def openblas_kernel(library: Path | None = None, env: dict | None = None) -> str
                              text=True, timeout=30, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def better_coretype(kernel: str | None, flags=None) -> str | None:
