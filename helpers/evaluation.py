@@ -77,42 +77,132 @@ def load_npz(path: Path) -> dict:
 
 
 @torch.inference_mode()
-def blend_curves(model, decoder, ev: HeldOut, rows: np.ndarray, alphas,
-                 chunk: int = 256, progress: bool = True) -> dict[str, np.ndarray]:
-    """Held-out perplexity against α for both blends (notebook 04).
+def score_rows(model, decoder, keys, doc, values, alphas=(), rows=None, chunk: int = 256,
+               progress: bool = True, desc: str = "scoring rows") -> dict[str, np.ndarray]:
+    """Everything notebook 04 needs about held-out rows, from **one** head pass.
 
-    ``"probs"``: ``(1-α)·p_base(y) + α·p_dec(y)`` needs only the two
-    probabilities of each true next token ``y``.  ``"logits"``:
-    ``log_softmax((1-α)·z + α·log p_dec)[y]`` (the original tutorial's formula,
-    ``log p_dec`` clipped at ``LOG_FLOOR`` as in ``blend_logits``) needs the
-    normaliser over the whole vocabulary, so the base model's head runs on
-    ``chunk`` keys at a time and each α costs one ``logsumexp``.  Only the
-    rows asked for are scored: pass several α at once rather than calling
-    twice on the same rows.
-    Returns ``{"logits": (A,), "probs": (A,)}`` perplexities.
+    The base model's 262,144-wide head is the expensive part of scoring a row,
+    so each row gets it once, together with the decoder's distribution, and
+    everything is computed from the two (``chunk`` rows at a time):
+
+    * ``p_base``, ``p_dec`` ``(R,)``: each model's probability of the true
+      next token (tokens outside a store-headed decoder get ``exp(-30)``);
+    * ``features`` ``(R, F)``: the α gate's signals (``helpers.gate.FEATURES``);
+    * ``logits_nll`` ``(R, A)``: ``-log softmax((1-α)·z + α·log p_dec)[y]`` for
+      each α of ``alphas`` (the logit blend needs the normaliser over the whole
+      vocabulary, so it is computed while the logits are at hand; one
+      ``logsumexp`` per α).
+
+    ``keys``/``doc``/``values`` as in ``helpers.hidden.Extraction`` (or a
+    ``HeldOut``): pass the full arrays and choose with ``rows`` (default all),
+    since a decoder window reads the rows before each one.
+    ``blend_perplexities`` turns the result into perplexities for any subset.
     """
+    from .gate import DEC_FLOOR, FEATURES, gate_features
     from .sampling import LOG_FLOOR
-    from .train_decoder import decoder_target_probs, window_batch
+    from .train_decoder import window_batch
 
-    alphas = np.array([float(a) for a in alphas])                 # (A,)
-    idx = np.flatnonzero(rows)
-    p_dec = decoder_target_probs(decoder, ev.keys, ev.doc, ev.values,
-                                 rows=idx).astype(np.float64)
-    p_base = ev.p_base[idx].astype(np.float64)
-    probs_nll = -np.log((1 - alphas[:, None]) * p_base + alphas[:, None] * p_dec).sum(1)
-    logits_nll = np.zeros(len(alphas))
+    keys, values = np.asarray(keys), np.asarray(values)
+    if rows is None:
+        idx = np.arange(len(values))
+    else:
+        idx = np.asarray(rows)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
+    alphas = np.array([float(a) for a in alphas])                          # (A,)
+    out = {"rows": idx, "alphas": alphas,
+           "features": np.empty((len(idx), len(FEATURES)), np.float32),
+           "p_base": np.empty(len(idx), np.float32), "p_dec": np.empty(len(idx), np.float32),
+           "logits_nll": np.zeros((len(idx), len(alphas)))}
+    dev = next(decoder.parameters()).device
+    sparse = decoder.config.head == "store"  # head over the store's tokens: (C, V_s) suffices
+    was_training = decoder.training
+    decoder.eval()
     starts = range(0, len(idx), chunk)
     if progress:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=f"blends at {len(alphas)} α", unit="chunk")
+        starts = tqdm(starts, desc=desc, unit="chunk")
     for i in starts:
         r = idx[i:i + chunk]
-        z = head_logits(model, ev.keys[r])                                       # (C, V)
-        x, pad = window_batch(ev.keys, ev.doc, r, decoder.config.window)
-        mem = decoder.log_probs_full(x, pad).clamp(min=LOG_FLOOR).to(z.device)   # (C, V)
-        y = torch.as_tensor(ev.values[r], device=z.device)[:, None]
-        z_y, mem_y = z.gather(1, y)[:, 0], mem.gather(1, y)[:, 0]                # (C,)
-        for j, a in enumerate(alphas):
-            mixed = torch.lerp(z, mem, float(a)) if 0 < a < 1 else (mem if a == 1 else z)
-            logits_nll[j] -= ((1 - a) * z_y + a * mem_y - torch.logsumexp(mixed, -1)).sum().item()
-    return {"logits": np.exp(logits_nll / len(idx)), "probs": np.exp(probs_nll / len(idx))}
+        part = slice(i, i + len(r))
+        z = head_logits(model, keys[r])                                    # (C, V) base logits
+        x, pad = window_batch(keys, doc, r, decoder.config.window)
+        dec = torch.log_softmax(decoder(x.to(dev), pad.to(dev)).float(), -1).to(z.device)
+        y = torch.as_tensor(values[r], device=z.device)[:, None]           # (C, 1)
+        if sparse:                                                         # dec: (C, V_s)
+            vocab = decoder.vocab.to(z.device)
+            out["features"][part] = gate_features(z, dec, vocab=vocab).cpu().numpy()
+            col = decoder.head_index(y[:, 0].to(dev)).to(z.device)[:, None]
+            dec_y = torch.where(col >= 0, dec.gather(1, col.clamp(min=0)), DEC_FLOOR)[:, 0]
+            mem = None
+            if len(alphas):                                                # (C, V), floored
+                mem = z.new_full(z.shape, LOG_FLOOR)
+                mem[:, vocab] = dec.clamp(min=LOG_FLOOR)
+        else:                                                              # dec: (C, V)
+            out["features"][part] = gate_features(z, dec).cpu().numpy()
+            dec_y = dec.gather(1, y)[:, 0]
+            mem = dec.clamp(min=LOG_FLOOR)
+        z_y = z.gather(1, y)[:, 0]
+        lse_z = torch.logsumexp(z, -1)
+        out["p_base"][part] = (z_y - lse_z).exp().cpu().numpy()
+        out["p_dec"][part] = dec_y.exp().cpu().numpy()
+        if len(alphas):
+            _logit_blend_nll(out["logits_nll"][part], alphas, z, z_y, lse_z, mem,
+                             mem.gather(1, y)[:, 0])
+    decoder.train(was_training)
+    return out
+
+
+def _logit_blend_nll(dest: np.ndarray, alphas: np.ndarray, z, z_y, lse_z, mem, mem_y):
+    """``dest[:, j] = -log softmax((1-α_j)·z + α_j·mem)[y]`` for one chunk.
+
+    α = 0 reuses the base model's normaliser; every other α costs one pass over
+    the ``(C, V)`` logits, in a buffer reused from α to α (a fresh 128 MB tensor
+    per α would be page-faulted in again each time).  The shift that keeps
+    ``exp`` in range is the mixture's upper bound ``(1-α)·max z + α·max mem``.
+    """
+    buf = None
+    z_max, mem_max = z.max(-1, keepdim=True).values, mem.max(-1, keepdim=True).values
+    for j, a in enumerate(alphas):
+        if a == 0:
+            lse = lse_z
+        else:
+            buf = torch.lerp(z, mem, float(a), out=buf) if buf is not None \
+                else torch.lerp(z, mem, float(a))
+            shift = (1 - a) * z_max + a * mem_max                          # (C, 1)
+            lse = buf.sub_(shift).exp_().sum(-1).log_() + shift[:, 0]
+        dest[:, j] = (lse - ((1 - a) * z_y + a * mem_y)).double().cpu().numpy()
+
+
+def blend_perplexities(scores: dict, select=None) -> dict[str, np.ndarray]:
+    """Perplexity against α for both blends from ``score_rows``'s result.
+
+    ``select``: a boolean mask over the **original** rows (e.g. ``ev.valid``)
+    or ``None`` for every scored row.  ``"probs"``: ``(1-α)·p_base(y) +
+    α·p_dec(y)``; ``"logits"``: the logit blend's normalised probability.
+    Returns ``{"logits": (A,), "probs": (A,)}``.
+    """
+    keep = np.ones(len(scores["rows"]), bool) if select is None else \
+        np.asarray(select, bool)[scores["rows"]]
+    if not keep.any():
+        raise ValueError("no scored rows in this selection: pass a mask over the rows "
+                         "given to score_rows, e.g. ev.valid or ev.test.")
+    a = scores["alphas"][:, None]                                          # (A, 1)
+    p_base = scores["p_base"][keep].astype(np.float64)
+    p_dec = scores["p_dec"][keep].astype(np.float64)
+    probs_nll = -np.log((1 - a) * p_base + a * p_dec).mean(1)
+    logits_nll = scores["logits_nll"][keep].mean(0)
+    return {"logits": np.exp(logits_nll), "probs": np.exp(probs_nll)}
+
+
+def blend_curves(model, decoder, ev: HeldOut, rows: np.ndarray, alphas,
+                 chunk: int = 128, progress: bool = True) -> dict[str, np.ndarray]:
+    """Held-out perplexity against α for both blends, on the ``rows`` asked for.
+
+    ``score_rows`` then ``blend_perplexities``: one head pass over the rows for
+    all α.  Notebook 04 calls ``score_rows`` itself, once for every held-out
+    row, and reads the curves, the test figures and the gate's inputs from it.
+    Returns ``{"logits": (A,), "probs": (A,)}`` perplexities.
+    """
+    scores = score_rows(model, decoder, ev.keys, ev.doc, ev.values, alphas, rows=rows,
+                        chunk=chunk, progress=progress, desc=f"blends at {len(alphas)} α")
+    return blend_perplexities(scores)

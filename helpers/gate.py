@@ -82,27 +82,36 @@ def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor, names=FEATU
     unknown = [n for n in names if n not in FEATURES]
     if unknown:
         raise ValueError(f"unknown features {unknown}; choose from {FEATURES}.")
-    lb = torch.log_softmax(base_logits.float(), dim=-1)               # (N, V)
-    ld = torch.log_softmax(dec_logp.float().to(lb.device), dim=-1)    # (N, V) or (N, V_s)
-    pb, pd = lb.exp(), ld.exp()
-    top_b = lb.argmax(-1, keepdim=True)                               # (N, 1) base token id
+    # The base side is (N, 262144) wide: each pass over it costs more than all
+    # of the decoder side, so it is read as few times as possible (max, one exp,
+    # one sum, one dot product) and p_base is only formed where it is needed.
+    z = base_logits.float()
+    z_max, top_b = z.max(-1, keepdim=True)                            # (N, 1) each
+    e = (z - z_max).exp_()                                            # (N, V) unnormalised
+    total = e.sum(-1, keepdim=True)                                   # (N, 1)
+    lse = z_max + total.log()                                         # log normaliser
+    ld = torch.log_softmax(dec_logp.float().to(z.device), dim=-1)     # (N, V) or (N, V_s)
+    pd = ld.exp()
     top_d = ld.argmax(-1, keepdim=True)                               # (N, 1) column of ld
     if vocab is None:
-        ld_at_top_b, top_d_id, pb_cols = ld.gather(1, top_b), top_d, pb
+        ld_at_top_b, top_d_id = ld.gather(1, top_b), top_d
+        pb_cols = lambda: e / total                                   # noqa: E731
     else:
-        vocab = torch.as_tensor(vocab, device=lb.device)
+        vocab = torch.as_tensor(vocab, device=z.device)
         col = torch.searchsorted(vocab, top_b).clamp(max=len(vocab) - 1)  # (N, 1)
         found = vocab[col] == top_b
-        ld_at_top_b = torch.where(found, ld.gather(1, col), torch.full_like(lb[:, :1], DEC_FLOOR))
-        top_d_id, pb_cols = vocab[top_d], pb[:, vocab]                # (N, 1), (N, V_s)
+        ld_at_top_b = torch.where(found, ld.gather(1, col), torch.full_like(z[:, :1], DEC_FLOOR))
+        top_d_id = vocab[top_d]                                       # (N, 1)
+        pb_cols = lambda: e[:, vocab] / total                         # noqa: E731  (N, V_s)
     out = {
-        "base_entropy": lambda: -(pb * lb).sum(-1),
-        "base_max_logp": lambda: lb.gather(1, top_b)[:, 0],
+        # H = -sum p (z - lse) = lse - E_p[z]
+        "base_entropy": lambda: lse[:, 0] - torch.linalg.vecdot(e, z) / total[:, 0],
+        "base_max_logp": lambda: (z_max - lse)[:, 0],
         "dec_entropy": lambda: -(pd * ld).sum(-1),
         "dec_max_logp": lambda: ld.gather(1, top_d)[:, 0],
         "dec_logp_of_base_top": lambda: ld_at_top_b[:, 0],
-        "base_logp_of_dec_top": lambda: lb.gather(1, top_d_id)[:, 0],
-        "overlap": lambda: torch.minimum(pb_cols, pd).sum(-1),
+        "base_logp_of_dec_top": lambda: (z.gather(1, top_d_id) - lse)[:, 0],
+        "overlap": lambda: torch.minimum(pb_cols(), pd).sum(-1),
     }
     return torch.stack([out[n]() for n in names], dim=1)              # (N, F)
 
@@ -203,43 +212,21 @@ def train_gate(domains: list[dict], *, features=FEATURES, hidden: int = 16,
     return gate.eval(), history
 
 
-@torch.inference_mode()
 def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128,
                 progress: bool = True) -> dict:
     """``features (N, F)``, ``p_base (N,)`` and ``p_dec (N,)`` of the true next tokens.
 
     ``keys``/``doc``/``values`` as in ``helpers.hidden.Extraction`` (or a
     ``HeldOut``).  Runs the base model's LM head and the decoder on ``chunk``
-    rows at a time: the ``(chunk, 262144)`` distributions stay small.
+    rows at a time: the ``(chunk, 262144)`` distributions stay small.  The
+    same as ``helpers.evaluation.score_rows`` without blend curves; call that
+    instead when you also need the curves, so the head runs once.
     """
-    from .knn import head_logits
-    from .train_decoder import window_batch
+    from .evaluation import score_rows
 
-    n = len(values)
-    feats = np.empty((n, len(FEATURES)), np.float32)
-    p_base, p_dec = np.empty(n, np.float32), np.empty(n, np.float32)
-    sparse = decoder.config.head == "store"  # head over the store's tokens: (C, V_s) suffices
-    starts = range(0, n, chunk)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="gate signals", unit="chunk")
-    for i in starts:
-        rows = np.arange(i, min(i + chunk, n))
-        base = head_logits(model, np.asarray(keys)[rows])                  # (C, V)
-        x, pad = window_batch(keys, doc, rows, decoder.config.window)
-        y = torch.as_tensor(np.asarray(values)[rows])[:, None]             # (C, 1)
-        if sparse:
-            dec = torch.log_softmax(decoder(x, pad).float(), -1)           # (C, V_s)
-            feats[rows] = gate_features(base, dec, vocab=decoder.vocab).cpu().numpy()
-            col = decoder.head_index(y[:, 0])[:, None]
-            got = dec.gather(1, col.clamp(min=0))
-            p_dec[rows] = torch.where(col >= 0, got, DEC_FLOOR)[:, 0].exp().numpy()
-        else:
-            dec = decoder.log_probs_full(x, pad)                           # (C, V)
-            feats[rows] = gate_features(base, dec).cpu().numpy()
-            p_dec[rows] = torch.log_softmax(dec, -1).gather(1, y)[:, 0].exp().numpy()
-        p_base[rows] = (base.gather(1, y)[:, 0] - torch.logsumexp(base, -1)).exp().numpy()
-    return {"features": feats, "p_base": p_base, "p_dec": p_dec}
+    scores = score_rows(model, decoder, keys, doc, values, chunk=chunk, progress=progress,
+                        desc="gate signals")
+    return {k: scores[k] for k in ("features", "p_base", "p_dec")}
 
 
 def save_gate(gate: AlphaGate, folder) -> Path:

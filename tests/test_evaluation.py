@@ -86,3 +86,42 @@ def test_blend_curves_agree_with_blend_logits_token_by_token(tiny, data_dir, sto
         want = [perplexity(blend_logits(z, mem, a, mode).gather(1, y)[:, 0].exp().numpy())
                 for a in (0.3, 0.8)]
         np.testing.assert_allclose(got[mode], want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["full", "store"])
+def test_one_scoring_pass_gives_the_curves_of_any_subset_and_the_gate_inputs(
+        tiny, data_dir, store_index, head):
+    """Notebook 04 scores every held-out row once and reads the validation curve,
+    the test figures and the gate's inputs from that pass: each must equal what
+    the separate helpers compute on their own."""
+    import torch
+
+    from helpers.decoder import DecoderConfig, MemoryDecoder
+    from helpers.evaluation import blend_curves, blend_perplexities, score_rows
+    from helpers.gate import gate_inputs
+
+    model, tok = tiny
+    ev = heldout_eval(model, tok, TEXTS, "tiny")
+    torch.manual_seed(0)
+    dec = MemoryDecoder(DecoderConfig.from_store(store_index[0], len(tok), dim=32, n_heads=4,
+                                                 n_layers=1, window=2, head=head)).eval()
+    grid = [0.0, 0.4, 1.0]
+    scores = score_rows(model, dec, ev.keys, ev.doc, ev.values, grid, chunk=5, progress=False)
+    for mask in (ev.valid, ev.test):
+        alone = blend_curves(model, dec, ev, mask, grid, chunk=3, progress=False)
+        shared = blend_perplexities(scores, mask)
+        for mode in ("logits", "probs"):
+            np.testing.assert_allclose(shared[mode], alone[mode], rtol=1e-5)
+    assert not np.allclose(blend_perplexities(scores, ev.valid)["probs"],
+                           blend_perplexities(scores, ev.test)["probs"])
+    inputs = gate_inputs(model, dec, ev.keys, ev.doc, ev.values, chunk=4, progress=False)
+    for k in ("features", "p_base", "p_dec"):
+        np.testing.assert_allclose(scores[k], inputs[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores["p_base"], ev.p_base, rtol=1e-5)
+    # rows as indices or as a mask: the same rows
+    by_index = score_rows(model, dec, ev.keys, ev.doc, ev.values, grid,
+                          rows=np.flatnonzero(ev.test), progress=False)
+    np.testing.assert_allclose(blend_perplexities(by_index)["logits"],
+                               blend_perplexities(scores, ev.test)["logits"], rtol=1e-5)
+    with pytest.raises(ValueError, match="no scored rows"):
+        blend_perplexities(by_index, ev.valid)

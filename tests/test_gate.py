@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.gate import (FEATURES, AlphaGate, GateConfig, GateMismatch, check_gate,
+from helpers.gate import (DEC_FLOOR, FEATURES, AlphaGate, GateConfig, GateMismatch, check_gate,
                           decoder_fingerprint, gate_features, gate_inputs, load_gate,
                           mixture_nll, save_gate, train_gate)
 from helpers.sampling import generate
@@ -192,3 +192,28 @@ def test_the_sparse_form_over_a_head_vocabulary_gives_the_same_features():
     full[:, vocab] = head
     torch.testing.assert_close(gate_features(base, head, vocab=vocab),
                                gate_features(base, full), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_features_equal_the_textbook_formulas_on_a_wide_vocabulary(sparse):
+    """gate_features reads the base logits as few times as it can; the figures must
+    be those of the plain formulas (log_softmax, entropy, overlap), peaked rows too."""
+    torch.manual_seed(1)
+    V, n = 5000, 5
+    base = torch.randn(n, V) * 4
+    base[0, 3] = 60.0                                 # nearly one-hot: entropy close to 0
+    vocab = torch.sort(torch.randperm(V)[:300]).values
+    head = torch.log_softmax(torch.randn(n, len(vocab)) * 3, -1)
+    full = torch.full((n, V), DEC_FLOOR)
+    full[:, vocab] = head
+    got = gate_features(base, head, vocab=vocab) if sparse else gate_features(base, full)
+    lb, ld = torch.log_softmax(base, -1), torch.log_softmax(full, -1)
+    pb, pd = lb.exp(), ld.exp()
+    want = {"base_entropy": -(pb * lb).sum(-1), "base_max_logp": lb.max(-1).values,
+            "dec_entropy": -(pd * ld).sum(-1), "dec_max_logp": ld.max(-1).values,
+            "dec_logp_of_base_top": ld.gather(1, lb.argmax(-1, keepdim=True))[:, 0],
+            "base_logp_of_dec_top": lb.gather(1, ld.argmax(-1, keepdim=True))[:, 0],
+            "overlap": torch.minimum(pb, pd).sum(-1)}
+    for name, value in want.items():
+        torch.testing.assert_close(got[:, F[name]], value, atol=2e-4, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
