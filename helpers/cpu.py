@@ -44,6 +44,24 @@ def fast_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+def autocast_dtype(device="cpu"):
+    """``torch.bfloat16`` where bf16 matmuls are native on ``device``, else None (float32).
+
+    A CPU needs AVX-512-bf16 or AMX (``fast_bf16``); elsewhere PyTorch emulates
+    bf16 and autocast is slower than float32.  A CUDA GPU needs bf16 support
+    (Ampere or later; a Colab T4 has none).  Pass the result to
+    ``train_decoder(autocast=...)``.
+    """
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return torch.bfloat16 if fast_bf16() else None
+    if kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def _bundled_openblas() -> Path | None:
     """faiss-cpu's own OpenBLAS library, found without importing faiss."""
     import importlib.util

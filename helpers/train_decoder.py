@@ -146,7 +146,8 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
                   lr: float = 1e-3, batch_size: int = 256, beta: float = 0.5,
                   weight_decay: float = 0.01, warmup_frac: float = 0.05, eval_fn=None,
                   patience: int = 3, seed: int = 0, checkpoint_dir=None,
-                  progress: bool = True, max_steps: int | None = None) -> dict:
+                  progress: bool = True, max_steps: int | None = None,
+                  autocast: torch.dtype | None = None) -> dict:
     """Train on every store row; return the history and keep the best weights.
 
     ``eval_fn(decoder) -> float`` (lower is better, e.g. held-out perplexity)
@@ -154,6 +155,9 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
     without improvement.  Without it the latest epoch counts as the best.  A
     NaN/inf loss stops training (``history["stopped"]`` says why) and the
     best weights so far are restored.  The same ``seed`` gives the same history.
+    ``autocast=torch.bfloat16`` runs the forward's matmuls in bf16 (weights,
+    optimizer and loss stay float32): faster only where the hardware has native
+    bf16 (``helpers.cpu.autocast_dtype`` says where), slower elsewhere.
     """
     from tqdm.auto import tqdm
     n, W = len(store), decoder.config.window
@@ -166,6 +170,9 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
         raise ValueError(f"epochs, batch_size and patience must be >= 1; got {epochs}, "
                          f"{batch_size}, {patience}.")
     device = next(decoder.parameters()).device
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast={autocast!r}: pass None (float32), torch.bfloat16 or, on a "
+                         "GPU, torch.float16; helpers.cpu.autocast_dtype(device) picks one.")
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps,
                                                                     epochs * steps_per_epoch)
@@ -195,7 +202,9 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
                     break
                 rows = np.sort(order[i:i + batch_size])  # sorted: faster memmap reads
                 x, pad = window_batch(store.keys, store.doc, rows, W)
-                logits = decoder(x.to(device), pad.to(device))
+                with torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                    enabled=autocast is not None):
+                    logits = decoder(x.to(device), pad.to(device))
                 loss, kl, ce = memdec_loss(logits, targets.ids[rows], targets.probs[rows],
                                            store.values[rows], decoder, beta)
                 if not torch.isfinite(loss):

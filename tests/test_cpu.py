@@ -50,3 +50,15 @@ def test_fast_bf16_needs_avx512_bf16_or_amx(monkeypatch):
 def test_the_description_names_what_was_detected():
     line = cpu.describe()
     assert line.startswith("CPU: ") and "bf16" in line and ("OpenBLAS" in line or "faiss" in line)
+
+
+def test_autocast_dtype_is_bf16_only_where_bf16_is_native(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: AVX2)
+    assert cpu.autocast_dtype("cpu") is None
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: AVX512 | {"avx512_bf16"})
+    assert cpu.autocast_dtype(torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cpu.autocast_dtype("cuda") is None  # no GPU: nothing to autocast on
+    assert cpu.autocast_dtype("meta") is None

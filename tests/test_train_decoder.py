@@ -154,6 +154,25 @@ def test_training_lowers_the_loss(setup):
     assert not decoder.training  # handed back ready for evaluation
 
 
+def test_bf16_autocast_trains_in_bf16_and_keeps_float32_weights(setup):
+    """On a CPU without native bf16 autocast is slower, not wrong: the losses must
+    follow the float32 run closely without being bit-identical (so bf16 ran)."""
+    store, _, targets = setup
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        decoder = tiny_decoder(store, dropout=0.0)
+        runs[dtype] = train_decoder(decoder, store, targets, epochs=2, batch_size=32, lr=3e-3,
+                                    progress=False, autocast=dtype)["loss"]
+        assert all(p.dtype == torch.float32 for p in decoder.parameters())
+    fp32, bf16 = np.array(runs[None]), np.array(runs[torch.bfloat16])
+    assert np.isfinite(bf16).all() and bf16[-4:].mean() < 0.8 * bf16[:4].mean()
+    assert not np.array_equal(fp32, bf16)
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05)
+    with pytest.raises(ValueError, match="torch.bfloat16"):
+        train_decoder(tiny_decoder(store), store, targets, epochs=1, progress=False,
+                      autocast="bf16")
+
+
 def test_learning_rate_warms_up_then_decays_to_zero(setup):
     store, _, targets = setup
     history = train_decoder(tiny_decoder(store), store, targets, epochs=2, batch_size=24,
