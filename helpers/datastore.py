@@ -79,7 +79,7 @@ class Datastore:
                                     f"({NOTEBOOK}).")
         advice = (f"delete the folder {path} and build it again (build_datastore, "
                   f"{NOTEBOOK}).")
-        manifest = read_json(path / "manifest.json", advice, MANIFEST_KEYS)
+        manifest = read_json(path / "manifest.json", advice, ("count", "dim", "key_dtype"))
         arrays = {name: load_array(path / f"{name}.npy", advice) for name in ARRAYS}
         n, d = manifest["count"], manifest["dim"]
         if (arrays["keys"].shape != (n, d) or str(arrays["keys"].dtype) != manifest["key_dtype"]
@@ -210,7 +210,7 @@ def build_datastore(model, tokenizer, texts, path, *, model_name: str, corpus_na
     config_file = partial / "config.json"
     if partial.exists():
         try:
-            same = read_json(config_file, "") == partial_config
+            same = read_json(config_file, "starting the build over.") == partial_config
         except (CorruptFile, FileNotFoundError):
             same = False
         if not same:  # built with other settings: start over
@@ -248,11 +248,10 @@ def _shard_ok(file: Path) -> bool:
     if not file.exists():
         return False
     try:
-        load_npz(file, "", SHARD_ARRAYS)
+        load_npz(file, "extracting that shard again.", SHARD_ARRAYS)
         return True
     except CorruptFile as err:
-        warnings.warn(f"{file} is damaged ({err}); extracting that shard again.",
-                      stacklevel=3)
+        warnings.warn(str(err), stacklevel=3)
         file.unlink()
         return False
 

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .model import tokenizer_fingerprint
-from .paths import save_checkpoint
+from .paths import CorruptFile, load_weights, read_json, save_checkpoint
 
 FEATURES = ("base_entropy", "base_max_logp", "dec_entropy", "dec_max_logp",
             "dec_logp_of_base_top", "base_logp_of_dec_top", "overlap")
@@ -262,27 +262,32 @@ def check_gate(gate: AlphaGate, decoder=None, base_model_name: str | None = None
     diffs = [f"the {name} is {here!r} here but {recorded!r} when the gate was trained"
              for name, here, recorded in checks
              if here is not None and recorded is not None and here != recorded]
+    if decoder is not None and c.decoder_fingerprint is None:
+        diffs.append("the gate does not record which decoder it was trained with (train_gate "
+                     "was called without decoder=), so it cannot be checked against this one")
     if diffs:
         raise GateMismatch("this α gate was trained for another setup: " + "; ".join(diffs) +
                            f". Train a gate for this decoder in {NOTEBOOK} "
-                           "(helpers.gate.train_gate), or load the decoder it was trained with.")
+                           "(helpers.gate.train_gate(..., decoder=decoder)), or load the decoder it was trained with.")
 
 
 def load_gate(folder, *, decoder=None, base_model_name: str | None = None,
               tokenizer=None) -> AlphaGate:
     """Load a gate (eval mode), refusing one trained for another decoder or model."""
-    from safetensors.torch import load_model
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"no α gate at {folder} (need config.json and "
                                 f"model.safetensors). Train one in {NOTEBOOK}, which saves "
                                 "it there with save_gate(gate, folder).")
-    raw = json.loads((folder / "config.json").read_text())
+    advice = (f"delete {folder} and train the gate again in {NOTEBOOK}, or save it with "
+              "save_gate(gate, folder).")
+    raw = read_json(folder / "config.json", advice, ("features",))
     known = {f.name for f in fields(GateConfig)}
-    if not isinstance(raw, dict) or "features" not in raw:
-        raise ValueError(f"{folder / 'config.json'} is not an α gate config; save gates "
-                         "with save_gate(gate, folder).")
-    gate = AlphaGate(GateConfig(**{k: v for k, v in raw.items() if k in known}))
-    load_model(gate, str(folder / "model.safetensors"), strict=True)
+    try:
+        gate = AlphaGate(GateConfig(**{k: v for k, v in raw.items() if k in known}))
+    except (TypeError, ValueError) as err:
+        raise CorruptFile(f"{folder / 'config.json'} is not a valid α gate config ({err}); "
+                          f"{advice}") from None
+    load_weights(gate, folder / "model.safetensors", advice)
     check_gate(gate, decoder, base_model_name, tokenizer)
     return gate.eval()

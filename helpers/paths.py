@@ -300,6 +300,19 @@ def save_checkpoint(module, config: dict, folder, extra: dict | None = None) -> 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "run.json")
 
 
+def load_weights(module, path: Path, advice: str) -> None:
+    """``safetensors`` weights into ``module`` (strict), or ``CorruptFile`` saying ``advice``."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    try:
+        load_model(module, str(path), strict=True)
+    except Exception as err:  # SafetensorError (truncated, "header too large"), shapes
+        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise CorruptFile(f"{path} cannot be loaded into a {type(module).__name__} "
+                          f"({first}); {advice}") from None
+
+
 def update_metrics(values: dict, path: Path | None = None, tag: str = "") -> dict:
     """Merge ``values`` into ``data/artifacts/metrics.json`` (atomically).
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .knn import knn_distribution, lookup_values, search
+from .validate import check_float, check_int, check_str
 
 MODES = ("base", "knn", "memdec")
 BLENDS = ("logits", "probs")
@@ -35,7 +36,7 @@ NOTEBOOK_03 = "notebooks/03_train_memory_decoder.ipynb"
 
 
 def _check_alpha(alpha) -> float:
-    alpha = float(alpha)
+    alpha = check_float("alpha", alpha, example=0.5)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be between 0 (base model only) and 1 (memory only); "
                          f"got {alpha}. Move the slider back into [0, 1].")
@@ -90,6 +91,9 @@ def _blend_sparse(logits, base, ids, logp, alpha: float, mode: str) -> torch.Ten
 
 
 def _check_sampling(temperature, top_k, vocab_size: int | None = None) -> None:
+    temperature = check_float("temperature", temperature, example=0.7)
+    if top_k is not None:
+        check_int("top_k", top_k, example=50)
     if not (temperature >= 0 and np.isfinite(temperature)):
         raise ValueError(f"temperature must be >= 0 (0 = greedy, 1 = the distribution as "
                          f"is, higher = more random); got {temperature}.")
@@ -111,6 +115,11 @@ def sample_next(logp: torch.Tensor, temperature: float = 1.0, top_k: int | None 
     likely tokens (``None`` / 0: all) are sampled from ``softmax(logp / T)``.
     """
     _check_sampling(temperature, top_k, logp.shape[-1])
+    if torch.isnan(logp).any() or not (logp > float("-inf")).any(dim=-1).all():
+        raise FloatingPointError(
+            "the next-token distribution is NaN (or gives every token probability 0): "
+            "the model's numbers overflowed. Load the base model with dtype=torch.float32 "
+            "(float16 overflows on a CPU) and check the memory's weights.")
     if temperature == 0 or top_k == 1:
         return logp.argmax(dim=-1)
     scaled = logp.float() / temperature                          # (..., V)
@@ -223,14 +232,21 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
     alpha = _check_alpha(alpha)
     _check_sampling(temperature, top_k, model.get_output_embeddings().weight.shape[0])
     config = model.config.get_text_config()
+    if mode == "knn":
+        k = check_int("k", k, 1, example=32)
+        knn_temperature = check_float("knn_temperature", knn_temperature, example=300.0)
     _check_memory(model, mode, decoder, store, index, k, knn_temperature,
                   config.hidden_size)
     if adaptive:
         _check_adaptive(mode, gate, decoder)
     else:
         gate = None
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
+        check_str("prompt", prompt, "What is personal data?")
+    if not prompt.strip():
         raise ValueError("The prompt is empty: type something for the model to continue.")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, example=64)
+    check_int("seed", seed, example=0)
     limit = config.max_position_embeddings - max_new_tokens  # room left for the prompt
     if max_new_tokens < 1 or limit < 2:
         raise ValueError(f"max_new_tokens must be >= 1 and leave room for a prompt in the "

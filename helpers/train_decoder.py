@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from .decoder import MemoryDecoder, save_decoder
 from .knn import knn_distribution, lookup_values, search
-from .paths import atomic_dir
+from .paths import CorruptFile, atomic_dir, load_array, read_json
+from .validate import check_float, check_int
 
 
 @dataclass
@@ -41,26 +42,49 @@ class KnnTargets:
         return len(self.ids)
 
 
-def _open_targets(folder: Path, meta: dict) -> KnnTargets:
-    return KnnTargets(np.load(folder / "ids.npy", mmap_mode="r"),
-                      np.load(folder / "probs.npy", mmap_mode="r"),
-                      meta["k"], meta["temperature"], folder)
+TARGET_FILES = ("ids.npy", "probs.npy", "targets.json")
+
+
+def _open_targets(folder: Path, meta: dict, advice: str = "") -> KnnTargets:
+    advice = advice or (f"delete the folder {folder} and rerun precompute_knn_targets "
+                        "(notebook 03) to compute it again.")
+    ids = load_array(folder / "ids.npy", advice)
+    probs = load_array(folder / "probs.npy", advice)
+    want = (meta["count"], meta["k"])
+    if ids.shape != want or probs.shape != want:
+        raise CorruptFile(f"{folder} holds targets of shape {ids.shape} / {probs.shape}, "
+                          f"not {want}; {advice}")
+    return KnnTargets(ids, probs, meta["k"], meta["temperature"], folder)
 
 
 def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.0,
                            batch_size: int = 4096, progress: bool = False) -> KnnTargets:
     """``p_kNN`` of every stored key from its ``k`` neighbours (itself excluded).
 
-    Saved in ``<store>/targets_k{k}_t{T}/`` and reused while it matches the store.
+    Saved in ``<store>/targets_k{k}_t{T}/`` and reused while it matches the
+    store (its fingerprint) and the index (structure and ``nprobe``: targets
+    from an approximate search are not those of an exact one).  A damaged
+    cache is computed again.
     """
+    from .index import index_signature
+
+    k = check_int("k", k, 1, example=256)
+    temperature = check_float("temperature", temperature, example=500.0)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (e.g. 500.0); got {temperature}.")
+    batch_size = check_int("batch_size", batch_size, 1, example=4096)
     folder = store.path / f"targets_k{k}_t{temperature:g}"
     m = store.manifest
     meta = {"k": k, "temperature": float(temperature), "count": len(store),
             "corpus_fingerprint": m.get("corpus_fingerprint"),
-            "model_name": m.get("model_name"), "layer": m.get("layer")}
+            "model_name": m.get("model_name"), "layer": m.get("layer"),
+            "store_fingerprint": store.fingerprint, **index_signature(index)}
     if (folder / "targets.json").is_file():
-        if json.loads((folder / "targets.json").read_text()) == meta:
-            return _open_targets(folder, meta)
+        try:
+            if read_json(folder / "targets.json", "computing the targets again.") == meta:
+                return _open_targets(folder, meta, "computing the targets again.")
+        except CorruptFile as err:
+            warnings.warn(str(err), stacklevel=2)
     if index.ntotal != len(store):
         raise ValueError(f"the index holds {index.ntotal} keys but the store {len(store)}; "
                          "rebuild it with load_or_build_index(store).")
@@ -68,7 +92,7 @@ def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="kNN targets", unit="batch")
-    with atomic_dir(folder) as tmp:  # an interrupted run leaves no half-written cache
+    with atomic_dir(folder, TARGET_FILES, "a kNN-targets") as tmp:  # an interrupted run leaves no half-written cache
         ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (len(store), k))
         probs = np.lib.format.open_memmap(tmp / "probs.npy", "w+", np.float16,
                                           (len(store), k))
