@@ -308,7 +308,7 @@ def load_weights(module, path: Path, advice: str) -> None:
     try:
         load_model(module, str(path), strict=True)
     except Exception as err:  # SafetensorError (truncated, "header too large"), shapes
-        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        first = " ".join(str(err).split())[:300] or type(err).__name__
         raise CorruptFile(f"{path} cannot be loaded into a {type(module).__name__} "
                           f"({first}); {advice}") from None
 
