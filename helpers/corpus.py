@@ -231,6 +231,7 @@ def split_by_document(ds, heldout_every: int = HELDOUT_EVERY):
     """
     from datasets import DatasetDict
 
+    heldout_every = check_int("heldout_every", heldout_every, example=HELDOUT_EVERY)
     if heldout_every < 2:
         raise ValueError("heldout_every must be >= 2 (1 would hold out everything).")
     docs = list(dict.fromkeys(ds["doc_id"]))

@@ -42,6 +42,7 @@ from torch import nn
 
 from .model import tokenizer_fingerprint
 from .paths import CorruptFile, load_weights, read_json, save_checkpoint
+from .validate import ArgumentTypeError, check_float, check_int
 
 HEADS = ("store", "tied", "full")
 NOTEBOOK = "notebooks/03_train_memory_decoder.ipynb"
@@ -67,9 +68,15 @@ class DecoderConfig:
     tokenizer_fingerprint: str | None = None  # helpers.model.tokenizer_fingerprint
 
     def __post_init__(self):
+        for name in ("key_dim", "base_vocab_size", "dim", "n_layers", "n_heads", "window"):
+            setattr(self, name, check_int(name, getattr(self, name), example=256))
+        self.dropout = check_float("dropout", self.dropout, example=0.1)
+        if isinstance(self.vocab_ids, (str, bytes)):
+            raise ArgumentTypeError("vocab_ids must be a list of token ids; use "
+                                    "DecoderConfig.from_store(store, ...).")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}; got {self.head!r}.")
-        if self.dim % self.n_heads:
+        if self.n_heads < 1 or self.dim % self.n_heads:
             fits = [h for h in (1, 2, 4, 8, 16, 32) if self.dim % h == 0]
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                              f"change dim or pick n_heads from {fits}.")

@@ -47,6 +47,7 @@ from torch import nn
 
 from .model import tokenizer_fingerprint
 from .paths import CorruptFile, load_weights, read_json, save_checkpoint
+from .validate import ArgumentTypeError, check_float, check_int
 
 FEATURES = ("base_entropy", "base_max_logp", "dec_entropy", "dec_max_logp",
             "dec_logp_of_base_top", "base_logp_of_dec_top", "overlap")
@@ -116,7 +117,11 @@ class GateConfig:
     tokenizer_fingerprint: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.features, str):
+            raise ArgumentTypeError(f"features must be a list of names from {FEATURES}, "
+                                    f"not one string; got {self.features!r}.")
         self.features = list(self.features)
+        self.hidden = check_int("hidden", self.hidden, 1, example=16)
         unknown = [n for n in self.features if n not in FEATURES]
         if unknown or not self.features:
             raise ValueError(f"features must be a non-empty subset of {FEATURES}; "
@@ -172,7 +177,23 @@ def train_gate(domains: list[dict], *, features=FEATURES, hidden: int = 16,
     equally (so a small off-domain set counts as much as a large in-domain
     one).  Returns the gate (eval mode) and ``{"loss": [...]}`` per step.
     """
-    if not domains or any(len(d["p_base"]) == 0 for d in domains):
+    steps = check_int("steps", steps, 1, example=400)
+    hidden = check_int("hidden", hidden, 1, example=16)
+    seed = check_int("seed", seed, example=0)
+    lr = check_float("lr", lr, example=0.02)
+    weight_decay = check_float("weight_decay", weight_decay, 0.0, example=1e-3)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, e.g. 0.02; got {lr}.")
+    if (not isinstance(domains, (list, tuple)) or not domains
+            or not all(isinstance(d, dict) for d in domains)):
+        raise ValueError("train_gate needs at least one domain: a list of dicts from "
+                         "gate_inputs(...) (one per domain: in-domain, off-domain); got "
+                         f"{domains!r:.60}.")
+    missing = [k for d in domains for k in ("features", "p_base", "p_dec") if k not in d]
+    if missing:
+        raise ValueError(f"each domain needs features, p_base and p_dec (gate_inputs "
+                         f"returns them); missing {sorted(set(missing))}.")
+    if any(len(d["p_base"]) == 0 for d in domains):
         raise ValueError("train_gate needs at least one domain, each with rows.")
     cols = [FEATURES.index(n) for n in features]
     config = GateConfig(features=list(features), hidden=hidden,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from .validate import ArgumentTypeError, check_int
 
 from .fastpath import fast_forward
 
@@ -121,6 +122,13 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
     attention keeps its mask.  ``fast=False`` runs the model's own forward
     pass with the mask instead (the benchmark's "no fast path" row).
     """
+    if isinstance(texts, (str, bytes)):
+        raise ArgumentTypeError("texts must be a list of strings, not a single string; "
+                                "wrap it: [text].")
+    layer = check_int("layer", layer, example=-1)
+    window = check_int("window", window, example=256)
+    overlap = check_int("overlap", overlap, example=64)
+    batch_size = check_int("batch_size", batch_size, 1, example=8)
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id
     ids = tokenize(tokenizer, texts)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .decoder import MemoryDecoder, save_decoder
 from .knn import knn_distribution, lookup_values, search
 from .paths import CorruptFile, atomic_dir, load_array, read_json
-from .validate import check_float, check_int
+from .validate import ArgumentTypeError, check_float, check_int
 
 
 @dataclass
@@ -115,6 +115,7 @@ def window_batch(keys, doc, rows, W: int) -> tuple[torch.Tensor, torch.Tensor]:
     belongs to the window exactly when ``doc[r - j] == doc[r]``.  Slots before
     the document start are zeros with ``pad = True``.
     """
+    W = check_int("W", W, 1, example=1)
     rows = np.asarray(rows, dtype=np.int64)                  # (B,)
     src = rows[:, None] - np.arange(W - 1, -1, -1)           # (B, W), last slot = r
     safe = np.clip(src, 0, None)
@@ -133,6 +134,7 @@ def memdec_loss(logits_head, target_ids, target_probs, next_token,
     ``target_probs (B, k)``; KL sums ``p (log p - log q)`` over slots with
     ``p > 0``, nothing renormalised.  Both terms are batch means.
     """
+    beta = check_float("beta", beta, example=0.5)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be between 0 and 1; got {beta}.")
     logq = torch.log_softmax(logits_head.float(), dim=-1)               # (B, Vh)
@@ -180,6 +182,21 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
     best weights so far are restored.  The same ``seed`` gives the same history.
     """
     from tqdm.auto import tqdm
+    epochs = check_int("epochs", epochs, 1, example=10)
+    batch_size = check_int("batch_size", batch_size, 1, example=256)
+    patience = check_int("patience", patience, 1, example=3)
+    seed = check_int("seed", seed, example=0)
+    lr = check_float("lr", lr, example=1e-3)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, e.g. 1e-3; got {lr}.")
+    beta = check_float("beta", beta, 0.0, 1.0, example=0.5)
+    weight_decay = check_float("weight_decay", weight_decay, 0.0, example=0.01)
+    warmup_frac = check_float("warmup_frac", warmup_frac, 0.0, 1.0, example=0.05)
+    if max_steps is not None:
+        max_steps = check_int("max_steps", max_steps, 1, example=100)
+    if eval_fn is not None and not callable(eval_fn):
+        raise ArgumentTypeError(f"eval_fn must be a function of the decoder returning a "
+                                f"number (lower is better); got {eval_fn!r}.")
     n, W = len(store), decoder.config.window
     if len(targets) != n or decoder.config.key_dim != store.dim:
         raise ValueError(f"store ({n} rows of dim {store.dim}), targets ({len(targets)} "
@@ -276,7 +293,8 @@ def decoder_target_probs(decoder: MemoryDecoder, keys, doc, values, W: int | Non
     pass the full arrays and select with ``rows``).  Tokens the head lacks
     get ``exp(-30)``.
     """
-    W = decoder.config.window if W is None else W
+    W = decoder.config.window if W is None else check_int("W", W, 1, example=1)
+    batch_size = check_int("batch_size", batch_size, 1, example=1024)
     if W != decoder.config.window:
         raise ValueError(f"W={W} but the decoder reads windows of "
                          f"{decoder.config.window}; pass W=decoder.config.window.")
