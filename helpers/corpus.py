@@ -233,7 +233,8 @@ def split_by_document(ds, heldout_every: int = HELDOUT_EVERY):
 
     heldout_every = check_int("heldout_every", heldout_every, example=HELDOUT_EVERY)
     if heldout_every < 2:
-        raise ValueError("heldout_every must be >= 2 (1 would hold out everything).")
+        raise ValueError(f"heldout_every must be >= 2 (1 would hold out everything); got "
+                         f"{heldout_every}. Pass e.g. heldout_every={HELDOUT_EVERY}.")
     docs = list(dict.fromkeys(ds["doc_id"]))
     held = {d for i, d in enumerate(docs) if i % heldout_every == heldout_every - 1}
     is_held = [d in held for d in ds["doc_id"]]

@@ -68,26 +68,31 @@ class DecoderConfig:
     tokenizer_fingerprint: str | None = None  # helpers.model.tokenizer_fingerprint
 
     def __post_init__(self):
-        for name in ("key_dim", "base_vocab_size", "dim", "n_layers", "n_heads", "window"):
-            setattr(self, name, check_int(name, getattr(self, name), example=256))
+        examples = {"key_dim": 640, "base_vocab_size": 262144, "dim": 256, "n_layers": 6,
+                    "n_heads": 32, "window": 1}
+        for name, example in examples.items():
+            setattr(self, name, check_int(name, getattr(self, name), example=example))
         self.dropout = check_float("dropout", self.dropout, example=0.1)
         if isinstance(self.vocab_ids, (str, bytes)):
             raise ArgumentTypeError("vocab_ids must be a list of token ids; use "
                                     "DecoderConfig.from_store(store, ...).")
         if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}; got {self.head!r}.")
+            raise ValueError(f"head must be one of {HEADS}; got {self.head!r}. Pass one of "
+                             "those ('store' is the original design).")
         if self.n_heads < 1 or self.dim % self.n_heads:
             fits = [h for h in (1, 2, 4, 8, 16, 32) if self.dim % h == 0]
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                              f"change dim or pick n_heads from {fits}.")
         if self.window < 1:
             raise ValueError(f"window must be >= 1 (1 reads only the current hidden "
-                             f"state); got {self.window}.")
+                             f"state); got {self.window}. Pass window=1 or more.")
         if self.n_layers < 1 or self.key_dim < 1 or self.base_vocab_size < 1:
             raise ValueError("n_layers, key_dim and base_vocab_size must be >= 1; got "
-                             f"{self.n_layers}, {self.key_dim}, {self.base_vocab_size}.")
+                             f"{self.n_layers}, {self.key_dim}, {self.base_vocab_size}. Use "
+                             "DecoderConfig.from_store(store, vocab_size) for the last two.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}. Pass e.g. "
+                             "dropout=0.1.")
         self.vocab_ids = sorted({int(i) for i in self.vocab_ids})  # JSON-able, fixed order
         if self.head == "store":
             if not self.vocab_ids:

@@ -78,7 +78,7 @@ def finetune_body(model, tokenizer, texts, *, epochs: int = 1, lr: float = 5e-5,
     seed = check_int("seed", seed, example=0)
     lr = check_float("lr", lr, example=5e-5)
     if not lr > 0:
-        raise ValueError(f"lr must be > 0, e.g. 5e-5; got {lr}.")
+        raise ValueError(f"lr must be > 0; got {lr}. Pass e.g. lr=5e-5.")
     torch.manual_seed(seed)
     model.train()
     model.requires_grad_(True)

@@ -183,7 +183,7 @@ def train_gate(domains: list[dict], *, features=FEATURES, hidden: int = 16,
     lr = check_float("lr", lr, example=0.02)
     weight_decay = check_float("weight_decay", weight_decay, 0.0, example=1e-3)
     if not lr > 0:
-        raise ValueError(f"lr must be > 0, e.g. 0.02; got {lr}.")
+        raise ValueError(f"lr must be > 0; got {lr}. Pass e.g. lr=0.02.")
     if (not isinstance(domains, (list, tuple)) or not domains
             or not all(isinstance(d, dict) for d in domains)):
         raise ValueError("train_gate needs at least one domain: a list of dicts from "

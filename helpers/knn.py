@@ -126,7 +126,8 @@ def interpolate(p_base_target, p_knn_target, lam: float):
     """``(1 - lam) * p_base + lam * p_kNN``: the kNN-LM mixture."""
     lam = check_float("lam", lam, example=0.25)
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be between 0 and 1; got {lam}.")
+        raise ValueError(f"lam must be between 0 and 1; got {lam}. Pass e.g. lam=0.25 "
+                         "(0 = base model only).")
     return (1.0 - lam) * p_base_target + lam * p_knn_target
 
 

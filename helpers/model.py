@@ -164,12 +164,13 @@ def load_base_model(name: str = EMBEDDED_MODEL, device: str = "auto",
     if isinstance(name, Path):
         name = str(name)
     if not isinstance(name, str) or not name.strip():
-        raise ModelLoadError(f"name must be a model name such as {EMBEDDED_MODEL!r}, a Hub "
-                             f"id or a local folder; got {name!r} ({type(name).__name__}).")
+        raise ModelLoadError(f"name must be a model name; got {name!r} "
+                             f"({type(name).__name__}). Pass {EMBEDDED_MODEL!r} (the embedded "
+                             "default), a Hub id such as 'google/gemma-2b' or a local folder.")
     if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise ModelLoadError(f"dtype must be a torch dtype such as torch.float32 (or None "
-                             f"for the device's default); got {dtype!r} "
-                             f"({type(dtype).__name__}).")
+        raise ModelLoadError(f"dtype must be a torch dtype; got {dtype!r} "
+                             f"({type(dtype).__name__}). Pass e.g. dtype=torch.float32, or "
+                             "None for the device's default.")
     if not isinstance(device, (str, torch.device)):
         raise ModelLoadError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device; got "
                              f"{device!r} ({type(device).__name__}).")

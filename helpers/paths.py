@@ -54,7 +54,8 @@ def artifacts_dir(tag: str = "") -> Path:
     """
     if not isinstance(tag, str) or tag not in ("", "quick", "smoke"):
         raise ValueError(f"artifacts_dir: tag must be '', 'quick' or 'smoke' (a size's "
-                         f"tag, helpers.sizes); got {tag!r}.")
+                         f"tag, helpers.sizes); got {tag!r}. Pass one of those, e.g. "
+                         "pick_size(FULL).tag.")
     path = data_dir() / "artifacts" / tag
     path.mkdir(parents=True, exist_ok=True)
     return path

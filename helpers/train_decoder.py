@@ -71,7 +71,8 @@ def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.
     k = check_int("k", k, 1, example=256)
     temperature = check_float("temperature", temperature, example=500.0)
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (e.g. 500.0); got {temperature}.")
+        raise ValueError(f"temperature must be > 0; got {temperature}. Pass e.g. "
+                         "temperature=500.0.")
     batch_size = check_int("batch_size", batch_size, 1, example=4096)
     folder = store.path / f"targets_k{k}_t{temperature:g}"
     m = store.manifest
@@ -185,10 +186,10 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
     epochs = check_int("epochs", epochs, 1, example=10)
     batch_size = check_int("batch_size", batch_size, 1, example=256)
     patience = check_int("patience", patience, 1, example=3)
-    seed = check_int("seed", seed, example=0)
+    seed = check_int("seed", seed, 0, example=0)
     lr = check_float("lr", lr, example=1e-3)
     if not lr > 0:
-        raise ValueError(f"lr must be > 0, e.g. 1e-3; got {lr}.")
+        raise ValueError(f"lr must be > 0; got {lr}. Pass e.g. lr=1e-3.")
     beta = check_float("beta", beta, 0.0, 1.0, example=0.5)
     weight_decay = check_float("weight_decay", weight_decay, 0.0, example=0.01)
     warmup_frac = check_float("warmup_frac", warmup_frac, 0.0, 1.0, example=0.05)

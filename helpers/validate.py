@@ -28,8 +28,8 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or (isinstance(value, float) and not value.is_integer())
             or (isinstance(value, numbers.Real) and not math.isfinite(value))):
-        raise ArgumentTypeError(f"{name} must be a whole number (an int such as {example}); got "
-                        f"{_got(value)}.")
+        raise ArgumentTypeError(f"{name} must be a whole number; got {_got(value)}. Pass an "
+                                f"int such as {name}={example}.")
     value = int(value)
     _check_range(name, value, minimum, maximum)
     return value
@@ -40,11 +40,12 @@ def check_float(name: str, value, minimum: float | None = None,
     """``value`` as a finite ``float`` in ``[minimum, maximum]``."""
     example = minimum if example is None else example
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(f"{name} must be a number (a float such as {example}); got "
-                        f"{_got(value)}.")
+        raise ArgumentTypeError(f"{name} must be a number; got {_got(value)}. Pass a float "
+                                f"such as {name}={example} (no quotes).")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number such as {example}; got {value}.")
+        raise ValueError(f"{name} must be a finite number; got {value}. Pass one such as "
+                         f"{name}={example}.")
     _check_range(name, value, minimum, maximum)
     return value
 
@@ -52,14 +53,14 @@ def check_float(name: str, value, minimum: float | None = None,
 def check_str(name: str, value, example: str = "", allow_empty: bool = False) -> str:
     """``value`` if it is a (non-empty) ``str``; bytes get a hint to decode them."""
     if isinstance(value, (bytes, bytearray)):
-        raise ArgumentTypeError(f"{name} must be text (str), not bytes; decode it first, e.g. "
-                        f"value.decode('utf-8'). Got {_got(value)}.")
+        raise ArgumentTypeError(f"{name} must be text (str), not bytes; got {_got(value)}. "
+                                f"Decode it first: {name}.decode('utf-8').")
     if not isinstance(value, str):
-        raise ArgumentTypeError(f"{name} must be a str{f' such as {example!r}' if example else ''}; "
-                        f"got {_got(value)}.")
+        raise ArgumentTypeError(f"{name} must be a str; got {_got(value)}. Pass text"
+                                f"{f' such as {name}={example!r}' if example else ''}.")
     if not allow_empty and not value.strip():
-        raise ValueError(f"{name} is empty; give it some text"
-                         f"{f' such as {example!r}' if example else ''}.")
+        raise ValueError(f"{name} is empty; pass some text"
+                         f"{f' such as {name}={example!r}' if example else ''}.")
     return value
 
 
@@ -70,4 +71,4 @@ def _check_range(name, value, minimum, maximum) -> None:
         span = (f"between {minimum} and {maximum}" if minimum is not None
                 and maximum is not None else f">= {minimum}" if minimum is not None
                 else f"<= {maximum}")
-        raise ValueError(f"{name} must be {span}; got {value}.")
+        raise ValueError(f"{name} must be {span}; got {value}. Pass a value {span}.")
