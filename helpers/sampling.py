@@ -199,8 +199,9 @@ def _check_memory(model, mode, decoder, store, index, k, knn_temperature, hidden
                              "embedding(model.get_output_embeddings().weight) first.")
     if mode == "knn":
         if store is None or index is None:
-            raise ValueError("mode='knn' needs a datastore: pass store=Datastore.open(path) "
-                             "and index=load_or_build_index(store) (built in notebook 02).")
+            raise ValueError("mode='knn' needs store=Datastore.open(path) and "
+                             "index=load_or_build_index(store): pass both (notebook 02 "
+                             "builds them).")
         if store.dim != hidden or index.d != hidden or index.ntotal != len(store):
             raise ValueError(f"store (dim {store.dim}, {len(store)} keys) and index "
                              f"(dim {index.d}, {index.ntotal} keys) must match the model's "

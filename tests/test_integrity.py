@@ -285,3 +285,22 @@ def test_the_reachability_check_is_bounded_when_dns_hangs(monkeypatch):
     tic = time.perf_counter()
     assert model.hub_reachable(timeout=0.5) is False
     assert time.perf_counter() - tic < 2
+
+
+def test_a_damaged_converted_model_is_converted_again(tiny, data_dir, monkeypatch):
+    from helpers import model as model_mod
+    from helpers.paths import atomic_dir
+    model, tok = tiny
+
+    def convert(target):  # stands in for the minute-long GGUF dequantization
+        with atomic_dir(target, model_mod.CONVERTED_FILES) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+    monkeypatch.setattr(model_mod, "_convert_embedded", convert)
+    folder = model_mod.embedded_model_dir()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated by a full disk
+    with pytest.warns(UserWarning, match="damaged.*converting it again"):
+        loaded, _ = model_mod.load_base_model(device="cpu")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
