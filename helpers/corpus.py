@@ -165,13 +165,24 @@ def load_corpus(source: str = DEFAULT_CORPUS, limit: int | None = None):
     dataset id such as ``"ibunescu/qa_legal_dataset_train"``.  Every record
     gets a ``doc_id``: the unit that the train/held-out split keeps together.
     """
-    from datasets import Dataset, load_dataset
-
     if isinstance(source, Path):
         source = str(source)
     check_str("source", source, DEFAULT_CORPUS)
     if limit is not None:
         limit = check_int("limit", limit, 1, example=100)
+    hub = source != DEFAULT_CORPUS and Path(source).suffix.lower() not in {".json", ".jsonl",
+                                                                           ".csv"}
+    if hub:  # before importing datasets (seconds): offline, say so at once
+        from .model import hub_reachable
+        if not hub_reachable():
+            raise CorpusError(
+                f"Could not load the dataset {source!r}: it is not a local .json/.jsonl/"
+                f".csv file and the Hugging Face Hub is unreachable from this machine. "
+                f"Without Hub access use the embedded default load_corpus("
+                f"{DEFAULT_CORPUS!r}) or a local JSON/CSV file with Title, Question and "
+                "Answer columns.")
+    from datasets import Dataset, load_dataset
+
     if source == DEFAULT_CORPUS:
         records = _eu_law_records(fetch_eu_law_db())
         ds = Dataset.from_list(records)
@@ -190,14 +201,6 @@ def load_corpus(source: str = DEFAULT_CORPUS, limit: int | None = None):
                     f"{str(err)[:200]}). Fix the file: one record per row/object with "
                     "Title, Question and Answer fields.") from err
         else:
-            from .model import hub_reachable
-            if not hub_reachable():
-                raise CorpusError(
-                    f"Could not load the dataset {source!r}: it is not a local .json/.jsonl/"
-                    f".csv file and the Hugging Face Hub is unreachable from this machine. "
-                    f"Without Hub access use the embedded default load_corpus("
-                    f"{DEFAULT_CORPUS!r}) or a local JSON/CSV file with Title, Question and "
-                    "Answer columns.")
             try:
                 raw = load_dataset(source, split="train")
             except Exception as err:  # offline, gated, typo...

@@ -29,8 +29,8 @@ import numpy as np
 
 from .hidden import extract_keys
 from .model import tokenizer_fingerprint
-from .paths import (CorruptFile, atomic_dir, atomic_file, load_array, load_npz, read_json,
-                    refuse_foreign)
+from .paths import (CorruptFile, atomic_dir, atomic_file, load_array, load_npz, make_dir,
+                    read_json, refuse_foreign)
 from .validate import ArgumentTypeError, check_int, check_str
 
 FORMAT_VERSION = 1
@@ -217,7 +217,7 @@ def build_datastore(model, tokenizer, texts, path, *, model_name: str, corpus_na
             refuse_foreign(partial, ("config.json", "shard_*.npz", ".shard_*", ".config.json*"),
                            "a datastore build's")
             shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
+    make_dir(partial)
     with atomic_file(config_file) as tmp:
         tmp.write_text(json.dumps(partial_config, indent=2))
 

@@ -153,6 +153,23 @@ def _check_finite_logits(model, tokenizer, name: str, dtype, dev) -> None:
             f"dtype=torch.float32 (or torch.bfloat16 on a GPU).")
 
 
+def _in_hub_cache(name: str) -> bool:
+    """Is ``name``'s config in the local Hugging Face cache (usable offline)?"""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id, no cache folder...
+        return False
+
+
+def _load_advice(name: str, why: str) -> str:
+    return (f"Could not load {name!r}: {why}\n"
+            f"If this is a Hub id, check the spelling, your network and HF_TOKEN "
+            f"(gated models such as google/gemma-2b need one and an accepted licence). "
+            f"Without Hub access use the embedded default: "
+            f"load_base_model({EMBEDDED_MODEL!r}).")
+
+
 def load_base_model(name: str = EMBEDDED_MODEL, device: str = "auto",
                     dtype: torch.dtype | None = None):
     """Return ``(model, tokenizer)`` in eval mode with gradients off.
@@ -163,8 +180,6 @@ def load_base_model(name: str = EMBEDDED_MODEL, device: str = "auto",
     id fails within seconds (or loads from the local Hugging Face cache).  A
     dtype whose logits come out NaN is refused.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if isinstance(name, Path):
         name = str(name)
     if not isinstance(name, str) or not name.strip():
@@ -180,6 +195,8 @@ def load_base_model(name: str = EMBEDDED_MODEL, device: str = "auto",
                              f"{device!r} ({type(device).__name__}).")
     try:
         dev = resolve_device(device)
+    except ModelLoadError:
+        raise
     except RuntimeError as err:  # torch.device("gpu"): unknown device type
         raise ModelLoadError(f"device={device!r} is not a device ({err}); use 'auto', "
                              "'cpu' or 'cuda'.") from None
@@ -187,6 +204,12 @@ def load_base_model(name: str = EMBEDDED_MODEL, device: str = "auto",
     source = embedded_model_dir() if name == EMBEDDED_MODEL else name
     hub = name != EMBEDDED_MODEL and not Path(name).exists()
     offline = hub and not hub_reachable()  # then only the local Hugging Face cache
+    if offline and not _in_hub_cache(name):
+        raise ModelLoadError(_load_advice(name, "the Hugging Face Hub is unreachable from this "
+                                                "machine and the model is not in the local cache"))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     def load():
         tokenizer = AutoTokenizer.from_pretrained(source, token=os.environ.get("HF_TOKEN"),
                                                   local_files_only=offline)
@@ -212,12 +235,7 @@ def load_base_model(name: str = EMBEDDED_MODEL, device: str = "auto",
     except (OSError, ValueError) as err:
         why = ("the Hugging Face Hub is unreachable from this machine and the model is "
                "not in the local cache" if offline else str(err).splitlines()[0][:300])
-        raise ModelLoadError(
-            f"Could not load {name!r}: {why}\n"
-            f"If this is a Hub id, check the spelling, your network and HF_TOKEN "
-            f"(gated models such as google/gemma-2b need one and an accepted licence). "
-            f"Without Hub access use the embedded default: "
-            f"load_base_model({EMBEDDED_MODEL!r}).") from err
+        raise ModelLoadError(_load_advice(name, why)) from err
     if dtype == torch.bfloat16 and dev.type == "cpu" and not cpu_has_fast_bf16():
         warnings.warn("This CPU has no AVX-512/AMX bf16 kernels, so bfloat16 matmuls "
                       "are emulated and much slower than float32. Use dtype=torch.float32.")

@@ -32,15 +32,20 @@ def sha256_file(path: Path) -> str:
 
 def data_dir() -> Path:
     """Root folder for data: ``$MEMDEC_DATA_DIR`` or ``<repo>/data``."""
-    root = Path(os.environ.get("MEMDEC_DATA_DIR", REPO_ROOT / "data"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return make_dir(Path(os.environ.get("MEMDEC_DATA_DIR", REPO_ROOT / "data")))
 
 
 def cache_dir(*parts: str) -> Path:
     """A sub-folder of ``data/cache`` (created on demand)."""
-    path = data_dir().joinpath("cache", *parts)
-    path.mkdir(parents=True, exist_ok=True)
+    return make_dir(data_dir().joinpath("cache", *parts))
+
+
+def make_dir(path: Path) -> Path:
+    """``mkdir -p path``; a read-only or full disk gets an error that names the folder."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _save_error(path, err) from err
     return path
 
 
@@ -56,9 +61,7 @@ def artifacts_dir(tag: str = "") -> Path:
         raise ValueError(f"artifacts_dir: tag must be '', 'quick' or 'smoke' (a size's "
                          f"tag, helpers.sizes); got {tag!r}. Pass one of those, e.g. "
                          "pick_size(FULL).tag.")
-    path = data_dir() / "artifacts" / tag
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_dir(data_dir() / "artifacts" / tag)
 
 
 @contextmanager
@@ -382,7 +385,8 @@ def write_results(name: str, results: dict) -> Path:
     import json
 
     out = artifacts_dir() / f"{name}.json"
-    out.write_text(json.dumps({**results, "machine": machine_summary()}, indent=2))
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps({**results, "machine": machine_summary()}, indent=2))
     width = max(map(len, results)) + 2
     for key, value in results.items():
         shown = f"{value:,.4g}" if isinstance(value, float) else value

@@ -523,6 +523,26 @@ def save_cases() -> list[Case]:
         cases.append(Case(f"update_metrics({label} data folder)", no_file, "could not save",
                           tags=("save",)))
 
+    def read_only_mkdir(c, err, what):
+        real = Path.mkdir
+
+        def fail(self, *a, **k):
+            raise OSError(err, os.strerror(err))
+        Path.mkdir = fail
+        try:
+            if what == "build_datastore":
+                return build_datastore(c["model"], c["tok"], c["texts"][:1],
+                                       Path(c["root"]) / "nowhere" / "s", model_name="t",
+                                       corpus_name="w")
+            return paths.cache_dir("eval", "new")
+        finally:
+            Path.mkdir = real
+    for err, label in ((_errno.EROFS, "read-only"), (_errno.ENOSPC, "disk full")):
+        for what in ("build_datastore", "cache_dir"):
+            cases.append(Case(f"{what}({label} data folder)",
+                              lambda c, e=err, w=what: read_only_mkdir(c, e, w),
+                              "could not save", tags=("save",)))
+
     def save_run_without_checkpoint(c):
         return save_run(Path(tempfile.mkdtemp(dir=c["root"])), {"a": 1})
     cases.append(Case("save_run(folder without a checkpoint)", save_run_without_checkpoint,
