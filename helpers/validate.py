@@ -24,7 +24,8 @@ def _got(value) -> str:
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None,
               example: int | None = None) -> int:
     """``value`` as an ``int`` in ``[minimum, maximum]``, or ``ValueError``/``TypeError``."""
-    example = minimum if example is None else example
+    value = _scalar(value)
+    example = (1 if minimum is None else minimum) if example is None else example
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or (isinstance(value, float) and not value.is_integer())
             or (isinstance(value, numbers.Real) and not math.isfinite(value))):
@@ -38,7 +39,8 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
 def check_float(name: str, value, minimum: float | None = None,
                 maximum: float | None = None, example: float | None = None) -> float:
     """``value`` as a finite ``float`` in ``[minimum, maximum]``."""
-    example = minimum if example is None else example
+    value = _scalar(value)
+    example = (0.5 if minimum is None else minimum) if example is None else example
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name} must be a number; got {_got(value)}. Pass a float "
                                 f"such as {name}={example} (no quotes).")
@@ -61,6 +63,13 @@ def check_str(name: str, value, example: str = "", allow_empty: bool = False) ->
     if not allow_empty and not value.strip():
         raise ValueError(f"{name} is empty; pass some text"
                          f"{f' such as {name}={example!r}' if example else ''}.")
+    return value
+
+
+def _scalar(value):
+    """A 0-d tensor or array (``torch.tensor(0.5)``) as the Python number it holds."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
     return value
 
 
