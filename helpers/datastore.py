@@ -204,7 +204,7 @@ def build_datastore(model, tokenizer, texts, path, *, model_name: str, corpus_na
                 return store
         except CorruptFile as err:
             warnings.warn(f"{err} Rebuilding it now.", stacklevel=2)
-    refuse_foreign(path, STORE_FILES, "a datastore")  # before the work, not after: nothing is deleted
+    refuse_foreign(path, STORE_FILES, "a datastore")  # before the work: nothing is deleted
     partial = path.with_name(path.name + ".partial")
     partial_config = {**config, "shard_docs": shard_docs}
     config_file = partial / "config.json"
@@ -233,7 +233,7 @@ def build_datastore(model, tokenizer, texts, path, *, model_name: str, corpus_na
                                batch_size=batch_size)
         _save_shard(shard, file)
 
-    with atomic_dir(path, STORE_FILES, "a datastore") as tmp:  # readers see the old store or the new
+    with atomic_dir(path, STORE_FILES, "a datastore") as tmp:  # the old store or the new
         manifest = _concatenate(shard_files, tmp, config)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(partial)

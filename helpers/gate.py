@@ -289,7 +289,8 @@ def check_gate(gate: AlphaGate, decoder=None, base_model_name: str | None = None
     if diffs:
         raise GateMismatch("this α gate was trained for another setup: " + "; ".join(diffs) +
                            f". Train a gate for this decoder in {NOTEBOOK} "
-                           "(helpers.gate.train_gate(..., decoder=decoder)), or load the decoder it was trained with.")
+                           "(helpers.gate.train_gate(..., decoder=decoder)), or load the "
+                           "decoder it was trained with.")
 
 
 def load_gate(folder, *, decoder=None, base_model_name: str | None = None,

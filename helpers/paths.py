@@ -113,8 +113,9 @@ def refuse_foreign(target: Path, owned=(), what: str = "this save's") -> None:
                                           if len(foreign) > 5 else "")
         raise FileExistsError(
             f"{target} is not {what} folder: it holds files this save did not write "
-            f"({shown}). Saving replaces the whole folder, so nothing was saved and nothing was deleted. Move those "
-            "files elsewhere, or save to another (new or empty) folder.")
+            f"({shown}). Saving replaces the whole folder, so nothing was saved and nothing "
+            "was deleted. Move those files elsewhere, or save to another (new or empty) "
+            "folder.")
 
 
 def _aside(target: Path) -> Path:

@@ -93,7 +93,8 @@ def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="kNN targets", unit="batch")
-    with atomic_dir(folder, TARGET_FILES, "a kNN-targets") as tmp:  # an interrupted run leaves no half-written cache
+    # an interrupted run leaves no half-written cache, and the old one until the new is in
+    with atomic_dir(folder, TARGET_FILES, "a kNN-targets") as tmp:
         ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (len(store), k))
         probs = np.lib.format.open_memmap(tmp / "probs.npy", "w+", np.float16,
                                           (len(store), k))

@@ -263,7 +263,8 @@ def no_network(monkeypatch):
 def test_an_unknown_model_name_fails_within_seconds_offline(no_network):
     from helpers.model import ModelLoadError, load_base_model
     tic = time.perf_counter()
-    with pytest.raises(ModelLoadError, match="(?s)unreachable.*load_base_model\\('gemma-3-270m'\\)"):
+    with pytest.raises(ModelLoadError,
+                       match="(?s)unreachable.*load_base_model\\('gemma-3-270m'\\)"):
         load_base_model("no-such-org/no-such-model-xyz", device="cpu")
     assert time.perf_counter() - tic < 5
 
