@@ -49,6 +49,10 @@ def main() -> int:
     print(f"errors that name the problem and the next step: {counts['clear']} of {errors} "
           f"({counts['clear'] / max(errors, 1):.1%}); slowest offline failure "
           f"{max(offline, default=0):.2f} s")
+    for tag in ("argument", "file", "save", "mismatch", "offline"):
+        group = collections.Counter(o.kind for o in outcomes if tag in o.case.tags)
+        print(f"  {tag:9s} {sum(group.values()):4d}: " + ", ".join(
+            f"{k} {n}" for k, n in sorted(group.items())))
     if args.json:
         Path(args.json).write_text(json.dumps(
             [{"case": o.case.id, "outcome": o.kind, "seconds": round(o.seconds, 3),
