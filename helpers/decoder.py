@@ -31,7 +31,6 @@ layout ``PyTorchModelHubMixin.save_pretrained`` writes, so both
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -42,7 +41,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .model import tokenizer_fingerprint
-from .paths import save_checkpoint
+from .paths import CorruptFile, load_weights, read_json, save_checkpoint
+from .validate import ArgumentTypeError, check_float, check_int
 
 HEADS = ("store", "tied", "full")
 NOTEBOOK = "notebooks/03_train_memory_decoder.ipynb"
@@ -68,20 +68,31 @@ class DecoderConfig:
     tokenizer_fingerprint: str | None = None  # helpers.model.tokenizer_fingerprint
 
     def __post_init__(self):
+        examples = {"key_dim": 640, "base_vocab_size": 262144, "dim": 256, "n_layers": 6,
+                    "n_heads": 32, "window": 1}
+        for name, example in examples.items():
+            setattr(self, name, check_int(name, getattr(self, name), example=example))
+        self.dropout = check_float("dropout", self.dropout, example=0.1)
+        if isinstance(self.vocab_ids, (str, bytes)):
+            raise ArgumentTypeError("vocab_ids must be a list of token ids; use "
+                                    "DecoderConfig.from_store(store, ...).")
         if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}; got {self.head!r}.")
-        if self.dim % self.n_heads:
+            raise ValueError(f"head must be one of {HEADS}; got {self.head!r}. Pass one of "
+                             "those ('store' is the original design).")
+        if self.n_heads < 1 or self.dim % self.n_heads:
             fits = [h for h in (1, 2, 4, 8, 16, 32) if self.dim % h == 0]
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                              f"change dim or pick n_heads from {fits}.")
         if self.window < 1:
             raise ValueError(f"window must be >= 1 (1 reads only the current hidden "
-                             f"state); got {self.window}.")
+                             f"state); got {self.window}. Pass window=1 or more.")
         if self.n_layers < 1 or self.key_dim < 1 or self.base_vocab_size < 1:
             raise ValueError("n_layers, key_dim and base_vocab_size must be >= 1; got "
-                             f"{self.n_layers}, {self.key_dim}, {self.base_vocab_size}.")
+                             f"{self.n_layers}, {self.key_dim}, {self.base_vocab_size}. Use "
+                             "DecoderConfig.from_store(store, vocab_size) for the last two.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}.")
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}. Pass e.g. "
+                             "dropout=0.1.")
         self.vocab_ids = sorted({int(i) for i in self.vocab_ids})  # JSON-able, fixed order
         if self.head == "store":
             if not self.vocab_ids:
@@ -132,6 +143,25 @@ class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
                              persistent=False)
         # head="tied": the base model's output embedding, attached later, never saved
         self.register_buffer("output_embedding", None, persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "MemoryDecoder":
+        """``load_decoder(folder, **kwargs)`` for a local folder: the same checks, strict.
+
+        A Hub id is downloaded first (``huggingface_hub.snapshot_download``),
+        then loaded the same way.  ``kwargs`` are ``load_decoder``'s.
+        """
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from .model import hub_reachable
+            name = str(pretrained_model_name_or_path)
+            if not hub_reachable():
+                raise FileNotFoundError(
+                    f"{name} is not a folder here and the Hugging Face Hub is unreachable; "
+                    f"pass the folder of a decoder trained in {NOTEBOOK}.")
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(name))
+        return load_decoder(folder, **kwargs)
 
     def attach_output_embedding(self, weight: torch.Tensor) -> None:
         """Give a ``head="tied"`` decoder the base model's frozen output embedding."""
@@ -273,12 +303,18 @@ def _read_config(folder: Path) -> DecoderConfig:
                                 f"and model.safetensors). Train one in {NOTEBOOK} "
                                 "(train_decoder(..., checkpoint_dir=folder)) or call "
                                 "save_decoder(decoder, folder).")
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_json(folder / "config.json", _advice(folder), ("key_dim", "base_vocab_size"))
     known = {f.name for f in fields(DecoderConfig)}
-    if not isinstance(raw, dict) or not {"key_dim", "base_vocab_size"} <= raw.keys():
-        raise ValueError(f"{folder / 'config.json'} is not a Memory Decoder config; "
-                         "save checkpoints with save_decoder(decoder, folder).")
-    return DecoderConfig(**{k: v for k, v in raw.items() if k in known})
+    try:
+        return DecoderConfig(**{k: v for k, v in raw.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise CorruptFile(f"{folder / 'config.json'} is not a valid Memory Decoder config "
+                          f"({err}); {_advice(folder)}") from None
+
+
+def _advice(folder) -> str:
+    return (f"delete {folder} and train the decoder again ({NOTEBOOK}), or save it with "
+            "save_decoder(decoder, folder).")
 
 
 def load_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
@@ -291,7 +327,6 @@ def load_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
     ``base_model_name``, the ``tokenizer``'s fingerprint, ``vocab_size`` (the
     base model's), and the ``store``'s key dim, model, layer and tokenizer.
     """
-    from safetensors.torch import load_model
     folder = Path(folder)
     c = _read_config(folder)
     checks = [("base_model_name", base_model_name, c.base_model_name),
@@ -314,7 +349,7 @@ def load_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
             f". Retrain it for this setup in {NOTEBOOK}, or load the matching base model "
             f"({c.base_model_name!r}) and datastore.")
     decoder = MemoryDecoder(c)
-    load_model(decoder, str(folder / "model.safetensors"), strict=True)
+    load_weights(decoder, folder / "model.safetensors", _advice(folder))
     if output_embedding is not None:
         decoder.attach_output_embedding(output_embedding)
     return decoder.to(device).eval()

@@ -9,6 +9,7 @@ keyed by model, corpus fingerprint and window settings.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import torch
 
 from .datastore import corpus_fingerprint
 from .knn import base_target_probs, head_logits
-from .paths import atomic_file, cache_dir
+from .model import weights_fingerprint
+from .paths import CorruptFile, atomic_file, cache_dir
+from .paths import load_npz as _load
 
 
 @dataclass
@@ -56,11 +59,15 @@ def heldout_eval(model, tokenizer, texts: list[str], model_name: str,
     """
     texts = list(texts)
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in model_name)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     path = cache_dir("eval") / (f"{slug}-{corpus_fingerprint(texts)}-w{window}-o{overlap}"
-                                ".npz")
+                                f"-{dtype}-{weights_fingerprint(model)}.npz")
     if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return HeldOut(**{k: z[k] for k in z.files})
+        try:
+            return HeldOut(**_load(path, "computing the held-out pass again.",
+                                   HeldOut.__dataclass_fields__))
+        except CorruptFile as err:  # a damaged cache entry: computed again below
+            warnings.warn(str(err), stacklevel=2)
     ex, p_base = base_target_probs(model, tokenizer, texts, window=window, overlap=overlap,
                                    progress=progress)
     answer = ex.pos + 1 >= answer_starts(tokenizer, texts)[ex.doc]

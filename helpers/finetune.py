@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .hidden import body, plan_windows, tokenize
+from .validate import check_float, check_int
 
 
 def causal_lm_loss(model, input_ids, attention_mask, labels, chunk: int = 512):
@@ -72,6 +73,12 @@ def finetune_body(model, tokenizer, texts, *, epochs: int = 1, lr: float = 5e-5,
     ``eval_every`` batches, ``stats["curve"]`` holds ``(tokens, seconds, value)``
     rows; evaluation time is not counted in ``seconds``.
     """
+    epochs = check_int("epochs", epochs, 1, example=1)
+    batch_size = check_int("batch_size", batch_size, 1, example=4)
+    seed = check_int("seed", seed, example=0)
+    lr = check_float("lr", lr, example=5e-5)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0; got {lr}. Pass e.g. lr=5e-5.")
     torch.manual_seed(seed)
     model.train()
     model.requires_grad_(True)

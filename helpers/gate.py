@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from .model import tokenizer_fingerprint
-from .paths import save_checkpoint
+from .paths import CorruptFile, load_weights, read_json, save_checkpoint
+from .validate import ArgumentTypeError, check_float, check_int
 
 FEATURES = ("base_entropy", "base_max_logp", "dec_entropy", "dec_max_logp",
             "dec_logp_of_base_top", "base_logp_of_dec_top", "overlap")
@@ -125,7 +126,11 @@ class GateConfig:
     tokenizer_fingerprint: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.features, str):
+            raise ArgumentTypeError(f"features must be a list of names from {FEATURES}, "
+                                    f"not one string; got {self.features!r}.")
         self.features = list(self.features)
+        self.hidden = check_int("hidden", self.hidden, 1, example=16)
         unknown = [n for n in self.features if n not in FEATURES]
         if unknown or not self.features:
             raise ValueError(f"features must be a non-empty subset of {FEATURES}; "
@@ -181,7 +186,23 @@ def train_gate(domains: list[dict], *, features=FEATURES, hidden: int = 16,
     equally (so a small off-domain set counts as much as a large in-domain
     one).  Returns the gate (eval mode) and ``{"loss": [...]}`` per step.
     """
-    if not domains or any(len(d["p_base"]) == 0 for d in domains):
+    steps = check_int("steps", steps, 1, example=400)
+    hidden = check_int("hidden", hidden, 1, example=16)
+    seed = check_int("seed", seed, example=0)
+    lr = check_float("lr", lr, example=0.02)
+    weight_decay = check_float("weight_decay", weight_decay, 0.0, example=1e-3)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0; got {lr}. Pass e.g. lr=0.02.")
+    if (not isinstance(domains, (list, tuple)) or not domains
+            or not all(isinstance(d, dict) for d in domains)):
+        raise ValueError("train_gate needs at least one domain: a list of dicts from "
+                         "gate_inputs(...) (one per domain: in-domain, off-domain); got "
+                         f"{domains!r:.60}.")
+    missing = [k for d in domains for k in ("features", "p_base", "p_dec") if k not in d]
+    if missing:
+        raise ValueError(f"each domain needs features, p_base and p_dec (gate_inputs "
+                         f"returns them); missing {sorted(set(missing))}.")
+    if any(len(d["p_base"]) == 0 for d in domains):
         raise ValueError("train_gate needs at least one domain, each with rows.")
     cols = [FEATURES.index(n) for n in features]
     config = GateConfig(features=list(features), hidden=hidden,
@@ -249,27 +270,33 @@ def check_gate(gate: AlphaGate, decoder=None, base_model_name: str | None = None
     diffs = [f"the {name} is {here!r} here but {recorded!r} when the gate was trained"
              for name, here, recorded in checks
              if here is not None and recorded is not None and here != recorded]
+    if decoder is not None and c.decoder_fingerprint is None:
+        diffs.append("the gate does not record which decoder it was trained with (train_gate "
+                     "was called without decoder=), so it cannot be checked against this one")
     if diffs:
         raise GateMismatch("this α gate was trained for another setup: " + "; ".join(diffs) +
                            f". Train a gate for this decoder in {NOTEBOOK} "
-                           "(helpers.gate.train_gate), or load the decoder it was trained with.")
+                           "(helpers.gate.train_gate(..., decoder=decoder)), or load the "
+                           "decoder it was trained with.")
 
 
 def load_gate(folder, *, decoder=None, base_model_name: str | None = None,
               tokenizer=None) -> AlphaGate:
     """Load a gate (eval mode), refusing one trained for another decoder or model."""
-    from safetensors.torch import load_model
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"no α gate at {folder} (need config.json and "
                                 f"model.safetensors). Train one in {NOTEBOOK}, which saves "
                                 "it there with save_gate(gate, folder).")
-    raw = json.loads((folder / "config.json").read_text())
+    advice = (f"delete {folder} and train the gate again in {NOTEBOOK}, or save it with "
+              "save_gate(gate, folder).")
+    raw = read_json(folder / "config.json", advice, ("features",))
     known = {f.name for f in fields(GateConfig)}
-    if not isinstance(raw, dict) or "features" not in raw:
-        raise ValueError(f"{folder / 'config.json'} is not an α gate config; save gates "
-                         "with save_gate(gate, folder).")
-    gate = AlphaGate(GateConfig(**{k: v for k, v in raw.items() if k in known}))
-    load_model(gate, str(folder / "model.safetensors"), strict=True)
+    try:
+        gate = AlphaGate(GateConfig(**{k: v for k, v in raw.items() if k in known}))
+    except (TypeError, ValueError) as err:
+        raise CorruptFile(f"{folder / 'config.json'} is not a valid α gate config ({err}); "
+                          f"{advice}") from None
+    load_weights(gate, folder / "model.safetensors", advice)
     check_gate(gate, decoder, base_model_name, tokenizer)
     return gate.eval()

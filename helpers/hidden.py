@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from .validate import ArgumentTypeError, check_int
 
 from .fastpath import fast_forward
 
@@ -34,7 +35,8 @@ def plan_windows(n_tokens: int, window: int, overlap: int,
     extra = 1 if prepend_bos else 0
     if window < 2 + extra or not 0 <= overlap < window - 1 - extra:
         raise ValueError(f"Need window >= {2 + extra} and 0 <= overlap < window - "
-                         f"{1 + extra}; got window={window}, overlap={overlap}.")
+                         f"{1 + extra}; got window={window}, overlap={overlap}. Pass e.g. "
+                         "window=256, overlap=64.")
     plans, end = [], min(n_tokens, window)
     plans.append((0, end, 1))
     while end < n_tokens:
@@ -121,6 +123,18 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
     attention keeps its mask.  ``fast=False`` runs the model's own forward
     pass with the mask instead (the benchmark's "no fast path" row).
     """
+    if isinstance(texts, (str, bytes)):
+        raise ArgumentTypeError("texts must be a list of strings, not a single string; "
+                                "wrap it: [text].")
+    layer = check_int("layer", layer, example=-1)
+    window = check_int("window", window, example=256)
+    overlap = check_int("overlap", overlap, example=64)
+    batch_size = check_int("batch_size", batch_size, 1, example=8)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if layer != -1 and not -(n_layers + 1) <= layer <= n_layers:
+        raise ValueError(f"layer={layer} does not exist: the model has {n_layers} layers, so "
+                         f"pass -1 (the final, normalised state) or 0..{n_layers} (0 = the "
+                         "embeddings).")
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id
     ids = tokenize(tokenizer, texts)

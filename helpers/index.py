@@ -20,7 +20,8 @@ import numpy as np
 
 from .cpu import import_faiss
 from .datastore import Datastore
-from .paths import atomic_file, sha256_file
+from .paths import CorruptFile, atomic_file, read_json, sha256_file
+from .validate import check_int, check_str
 
 
 class IndexCorrupt(RuntimeError):
@@ -81,7 +82,15 @@ def build_index(store: Datastore, factory: str = "Flat", nprobe: int = 16,
                 batch_size: int = 65_536):
     """A FAISS L2 index over ``store.keys`` (trained on a seeded sample if needed)."""
     faiss = import_faiss()
-    index = faiss.index_factory(store.dim, factory, faiss.METRIC_L2)
+    _check_factory(factory, nprobe)
+    train_size = check_int("train_size", train_size, 1, example=100_000)
+    batch_size = check_int("batch_size", batch_size, 1, example=65_536)
+    try:
+        index = faiss.index_factory(store.dim, factory, faiss.METRIC_L2)
+    except RuntimeError as err:
+        raise ValueError(f"faiss does not understand the factory {factory!r} "
+                         f"({str(err).splitlines()[0][:200]}); use e.g. 'Flat' (exact) or "
+                         "'IVF1024,PQ16' (see the FAISS wiki, 'The index factory').") from None
     _skip_polysemous_training(index)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
@@ -97,6 +106,22 @@ def build_index(store: Datastore, factory: str = "Flat", nprobe: int = 16,
         index.add(np.ascontiguousarray(store.keys[i:i + batch_size], dtype=np.float32))
     set_nprobe(index, nprobe)
     return index
+
+
+def _check_factory(factory, nprobe) -> None:
+    check_str("factory", factory, "Flat")
+    check_int("nprobe", nprobe, 1, example=16)
+
+
+def index_signature(index) -> dict:
+    """What changes an index's answers: its structure and ``nprobe`` (IVF only)."""
+    faiss = import_faiss()
+    nprobe = getattr(index, "nprobe", None)  # GPU IVF indexes carry it themselves
+    if nprobe is None and not _on_gpu(index):
+        ivf = faiss.try_extract_index_ivf(index)
+        nprobe = None if ivf is None else ivf.nprobe
+    return {"index": describe_index(index), "nprobe": None if nprobe is None
+            else int(nprobe), "ntotal": int(index.ntotal)}
 
 
 def describe_index(index) -> str:
@@ -139,7 +164,7 @@ def save_index(index, store: Datastore, factory: str | None = None) -> Path:
         faiss.write_index(cpu, str(tmp))
         sha = sha256_file(tmp)
     meta = {"factory": factory, "ntotal": int(cpu.ntotal), "dim": int(cpu.d),
-            "sha256": sha, "store_count": len(store)}
+            "sha256": sha, "store_count": len(store), "store_fingerprint": store.fingerprint}
     with atomic_file(sidecar) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return target
@@ -152,13 +177,18 @@ def load_index(store: Datastore, factory: str | None = None, nprobe: int = 16,
     An index file whose structure is not ``factory`` is refused.
     """
     faiss = import_faiss()
+    _check_factory("Flat" if factory is None else factory, nprobe)
     file, meta_file = index_files(store, factory)
     if not (file.is_file() and meta_file.is_file()):
         raise FileNotFoundError(f"no saved {factory or 'Flat'} index in {store.path}; call "
                                 f"build_index(store, {factory or 'Flat'!r}) then save_index("
                                 f"index, store, {factory or 'Flat'!r}).")
-    meta = json.loads(meta_file.read_text())
-    advice = f"Delete {file} and call build_index(store) + save_index again."
+    advice = (f"Delete {file} and call build_index(store) + save_index again "
+              "(load_or_build_index does both).")
+    try:
+        meta = read_json(meta_file, advice, ("sha256",))
+    except CorruptFile as err:
+        raise IndexCorrupt(str(err)) from None
     if sha256_file(file) != meta["sha256"]:
         raise IndexCorrupt(f"{file} is corrupt or truncated (sha256 differs). {advice}")
     try:
@@ -168,9 +198,14 @@ def load_index(store: Datastore, factory: str | None = None, nprobe: int = 16,
     if index.ntotal != len(store) or index.d != store.dim:
         raise IndexCorrupt(f"{file} holds {index.ntotal} keys of dim {index.d} but the "
                            f"store has {len(store)} of dim {store.dim}. {advice}")
+    if meta.get("store_fingerprint") != store.fingerprint:
+        raise IndexCorrupt(f"{file} was built from another datastore (store fingerprint "
+                           f"{meta.get('store_fingerprint', 'not recorded')!r}, this store "
+                           f"{store.fingerprint!r}): its ids would point at the wrong rows. "
+                           f"{advice}")
     if factory and describe_index(index) != _structure_on_disk(store.dim, factory):
         raise ValueError(f"the saved index is {describe_index(index)} (factory "
-                         f"{meta['factory']!r}), not {factory!r}; pass that factory, or "
+                         f"{meta.get('factory')!r}), not {factory!r}; pass that factory, or "
                          "build_index + save_index to replace it.")
     index = _to_gpu(index, use_gpu)
     set_nprobe(index, nprobe)

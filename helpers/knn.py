@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .hidden import Extraction, extract_keys
+from .validate import check_float, check_int
 
 PROB_FLOOR = 1e-12  # perplexity clips probabilities here so log(0) stays finite
 
@@ -31,6 +32,7 @@ def search(index, queries: np.ndarray, k: int,
     Approximate (IVF) indexes may return id ``-1`` when a query finds fewer
     than ``k`` keys in the cells it visits.
     """
+    k = check_int("k", k, 1, example=32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise ValueError(f"queries must have shape (Q, {index.d}); got {queries.shape}.")
@@ -71,8 +73,10 @@ def neighbour_weights(distances: np.ndarray, neighbour_values: np.ndarray,
     The row maximum is subtracted before ``exp`` so nothing overflows, and
     missing neighbours (value ``-1``) get weight 0.
     """
+    temperature = check_float("temperature", temperature, example=300.0)
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}.")
+        raise ValueError(f"temperature must be > 0 (e.g. 300.0; lower = trust the nearest "
+                         f"neighbour more); got {temperature}.")
     valid = (np.asarray(neighbour_values) >= 0) & np.isfinite(distances)
     logits = np.where(valid, -np.asarray(distances, np.float64) / temperature, -np.inf)
     top = logits.max(axis=1, keepdims=True)                # (Q, 1)
@@ -120,8 +124,10 @@ def knn_prob_of(targets: np.ndarray, distances: np.ndarray,
 
 def interpolate(p_base_target, p_knn_target, lam: float):
     """``(1 - lam) * p_base + lam * p_kNN``: the kNN-LM mixture."""
+    lam = check_float("lam", lam, example=0.25)
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be between 0 and 1; got {lam}.")
+        raise ValueError(f"lam must be between 0 and 1; got {lam}. Pass e.g. lam=0.25 "
+                         "(0 = base model only).")
     return (1.0 - lam) * p_base_target + lam * p_knn_target
 
 

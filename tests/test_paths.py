@@ -27,7 +27,7 @@ def test_atomic_dir_leaves_nothing_when_the_body_fails(tmp_path):
 def test_atomic_dir_replaces_an_old_version_whole(tmp_path):
     target = tmp_path / "store"
     for version in ("old", "new"):
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target, owned=("old", "new")) as tmp:
             (tmp / version).write_text(version)
     assert [p.name for p in target.iterdir()] == ["new"]
 
