@@ -227,18 +227,18 @@ def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128,
         rows = np.arange(i, min(i + chunk, n))
         base = head_logits(model, np.asarray(keys)[rows])                  # (C, V)
         x, pad = window_batch(keys, doc, rows, decoder.config.window)
-        y = torch.as_tensor(np.asarray(values)[rows])[:, None]             # (C, 1)
+        y = torch.as_tensor(np.asarray(values)[rows], device=base.device)[:, None]  # (C, 1)
         if sparse:
             dec = torch.log_softmax(decoder(x, pad).float(), -1)           # (C, V_s)
             feats[rows] = gate_features(base, dec, vocab=decoder.vocab).cpu().numpy()
             col = decoder.head_index(y[:, 0])[:, None]
             got = dec.gather(1, col.clamp(min=0))
-            p_dec[rows] = torch.where(col >= 0, got, DEC_FLOOR)[:, 0].exp().numpy()
+            p_dec[rows] = torch.where(col >= 0, got, DEC_FLOOR)[:, 0].exp().cpu().numpy()
         else:
             dec = decoder.log_probs_full(x, pad)                           # (C, V)
             feats[rows] = gate_features(base, dec).cpu().numpy()
-            p_dec[rows] = torch.log_softmax(dec, -1).gather(1, y)[:, 0].exp().numpy()
-        p_base[rows] = (base.gather(1, y)[:, 0] - torch.logsumexp(base, -1)).exp().numpy()
+            p_dec[rows] = torch.log_softmax(dec, -1).gather(1, y)[:, 0].exp().cpu().numpy()
+        p_base[rows] = (base.gather(1, y)[:, 0] - torch.logsumexp(base, -1)).exp().cpu().numpy()
     return {"features": feats, "p_base": p_base, "p_dec": p_dec}
 
 
