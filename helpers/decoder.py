@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .model import tokenizer_fingerprint
+from .model import resolve_device, tokenizer_fingerprint
 from .paths import save_checkpoint
 
 HEADS = ("store", "tied", "full")
@@ -313,7 +313,8 @@ def load_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
             f"the decoder in {folder} was trained for another setup: " + "; ".join(diffs) +
             f". Retrain it for this setup in {NOTEBOOK}, or load the matching base model "
             f"({c.base_model_name!r}) and datastore.")
-    decoder = MemoryDecoder(c)
+    device = resolve_device(device)  # "cuda" without a GPU: says what to use instead
+    decoder = MemoryDecoder(c)  # weights are read onto the CPU, wherever they were saved
     load_model(decoder, str(folder / "model.safetensors"), strict=True)
     if output_embedding is not None:
         decoder.attach_output_embedding(output_embedding)

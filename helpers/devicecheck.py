@@ -83,6 +83,7 @@ class FakeGPU(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.on = WeakTensorKeyDictionary()  # tensor -> True: lives on the pretend GPU
+        self.paused = False
 
     def gpu(self, t) -> bool:
         return isinstance(t, _T) and t in self.on
@@ -109,6 +110,8 @@ class FakeGPU(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if self.paused:
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         owner = getattr(func, "__self__", None)
         if name == "__get__" and owner is _T.device:
@@ -196,17 +199,36 @@ def _cuda_stand_ins(mode: FakeGPU) -> dict:
 
 @contextlib.contextmanager
 def fake_gpu() -> Iterator[FakeGPU]:
-    """Pretend a CUDA GPU is present (see the module docstring); yields the mode."""
+    """Pretend a CUDA GPU is present (see the module docstring); yields the mode.
+
+    ``from_pretrained`` runs as without it (on the CPU, unchecked): loading is
+    transformers' business; what the check is about starts at ``model.to``.
+    """
+    from transformers import PreTrainedModel
+
     mode = FakeGPU()
     saved = {k: getattr(torch.cuda, k) for k in _cuda_stand_ins(mode)}
     saved_gen = torch.Generator
-    for k, v in _cuda_stand_ins(mode).items():
-        setattr(torch.cuda, k, v)
-    torch.Generator = _FakeCudaGenerator
+    loader = PreTrainedModel.__dict__["from_pretrained"]
+
+    def pretend(on: bool):
+        for k, v in (_cuda_stand_ins(mode) if on else saved).items():
+            setattr(torch.cuda, k, v)
+        torch.Generator = _FakeCudaGenerator if on else saved_gen
+        mode.paused = not on
+
+    def from_pretrained(cls, *args, **kwargs):
+        pretend(False)
+        try:
+            return loader.__func__(cls, *args, **kwargs)
+        finally:
+            pretend(True)
+
+    pretend(True)
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
     try:
         with mode:
             yield mode
     finally:
-        torch.Generator = saved_gen
-        for k, v in saved.items():
-            setattr(torch.cuda, k, v)
+        PreTrainedModel.from_pretrained = loader
+        pretend(False)

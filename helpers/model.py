@@ -45,8 +45,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device='cuda' was asked for but no CUDA GPU is visible; "
-                             "use device='auto' or 'cpu'.")
+        raise ModelLoadError("device='cuda' was asked for but PyTorch sees no CUDA GPU; "
+                             "use device='auto' or 'cpu'. In Colab: Runtime > Change runtime "
+                             "type > GPU, then run the notebook again (a CPU-only build of "
+                             "torch also sees none: see the README's GPU section).")
     return device
 
 

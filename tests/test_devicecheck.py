@@ -142,3 +142,17 @@ def test_generation_runs_on_the_pretend_gpu(gpu_model, store_index, mode):
                                 mode="memdec" if mode == "adaptive" else mode, alpha=0.5,
                                 temperature=0.7, top_k=5, max_new_tokens=3, seed=0, **kw)
     assert len(steps) == 3
+
+
+def test_a_model_loaded_inside_computes_like_one_loaded_outside(tmp_path):
+    """from_pretrained runs unchecked (transformers' own loading), then model.to marks it."""
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(tmp_path)
+    ids = tok("the data subject shall", return_tensors="pt")["input_ids"]
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=ids).logits
+    with fake_gpu():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path).to("cuda")
+        got = model(input_ids=ids.to(model.device)).logits.cpu()
+    torch.testing.assert_close(got, ref)
