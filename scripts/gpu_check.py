@@ -44,6 +44,8 @@ SHAPES = {  # Gemma 3 270M as in its config.json; "small" for the CPU
                   max_position_embeddings=2_048),
 }
 TOKENIZER_VOCAB = 4_096
+# Notebook 05 builds what it lacks (off by default at smoke size, for the browser test).
+PARAMETERS = {"05": {"BUILD_MISSING": True}}
 # On the CPU only: notebook 03 trains a narrower decoder for fewer steps (same cells).
 CPU_PARAMETERS = {"03": {"DECODER_DIM": 32, "MAX_STEPS": 4}}
 NOTEBOOKS = ["01_hidden_states", "02_datastore_knn_lm", "03_train_memory_decoder",
@@ -186,6 +188,9 @@ def main(argv=None) -> int:
                     help="model shape (default: 270m on a GPU, small with --fake-gpu)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="notebook numbers to run, e.g. --only 01 04 (default: all)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="each notebook in an empty data folder of its own, as a fresh Colab "
+                         "runtime: 04 and 05 then run notebook 03 first")
     ap.add_argument("--skip-helpers", action="store_true")
     ap.add_argument("--keep", type=Path, help="keep the data and executed notebooks here")
     args = ap.parse_args(argv)
@@ -203,6 +208,7 @@ def main(argv=None) -> int:
     (work / "ipython/profile_default/startup/00-gpu-check.py").write_text(STARTUP)
     env = {"MEMDEC_SMOKE": "1", "MEMDEC_DATA_DIR": str(work / "data"),
            "IPYTHONDIR": str(work / "ipython"), "MEMDEC_FAKE_GPU": "1" if args.fake_gpu else "0",
+           "MEMDEC_EARLIER_PARAMETERS": json.dumps(CPU_PARAMETERS if args.fake_gpu else {}),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
     os.environ.update(env)
@@ -212,6 +218,7 @@ def main(argv=None) -> int:
         device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     print(f"gpu_check: {device}; torch {torch.__version__}; model: random Gemma 3, {shape} "
           f"shape{'' if shape == '270m' else ' (smaller than the real 270M: CPU time)'}; "
+          f"{'each notebook in an empty data folder; ' if args.fresh else ''}"
           f"data in {work}", flush=True)
 
     tic0 = time.perf_counter()
@@ -238,10 +245,14 @@ def main(argv=None) -> int:
         if args.only and name[:2] not in args.only:
             continue
         log = work / "executed" / f"{name}.devices.json"
+        data = work / "data" / (name[:2] if args.fresh else "")
+        data.mkdir(parents=True, exist_ok=True)
         tic = time.perf_counter()
         ok, error = run_notebook(name, work / "executed", model_dir,
-                                 {**env, "MEMDEC_DEVICE_LOG": str(log)},
-                                 CPU_PARAMETERS.get(name[:2]) if args.fake_gpu else None)
+                                 {**env, "MEMDEC_DEVICE_LOG": str(log),
+                                  "MEMDEC_DATA_DIR": str(data)},
+                                 {**PARAMETERS.get(name[:2], {}),
+                                  **(CPU_PARAMETERS.get(name[:2], {}) if args.fake_gpu else {})})
         seconds = time.perf_counter() - tic
         seen = json.loads(log.read_text()) if log.exists() else {}
         if ok and seen.get("decoder", seen.get("model")) != seen.get("model"):
