@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -57,8 +58,8 @@ def run_earlier(name: str, tag: str = "", progress: bool = True, **parameters) -
             print(f"\r  {name}: {len(done)}/{code} cells, {time.perf_counter() - tic:.0f} s",
                   end="", flush=True)
 
-    print(f"Running {path.name} first ({', '.join(f'{k}={v!r}' for k, v in parameters.items())})"
-          "; it saves what this notebook needs.", flush=True)
+    knobs = ", ".join(f"{k}={v!r}" for k, v in parameters.items()) or "its defaults"
+    print(f"Running {path.name} first ({knobs}); it saves what this notebook needs.", flush=True)
     client = NotebookClient(nb, kernel_name="python3", timeout=None,
                             resources={"metadata": {"path": str(path.parent)}},
                             on_cell_executed=on_cell_executed)
@@ -68,7 +69,8 @@ def run_earlier(name: str, tag: str = "", progress: bool = True, **parameters) -
         client.execute()
     except CellExecutionError as err:
         nbformat.write(nb, out)
-        last = [ln for ln in str(err).splitlines() if ln.strip()][-1:]
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # no terminal colours
+        last = [ln for ln in plain.splitlines() if ln.strip()][-1:]
         raise RuntimeError(f"{path.name} stopped with {last[0] if last else 'an error'}. Its "
                            f"executed copy is {out}; open {path.name} and run it yourself to "
                            "see the whole message.") from None
