@@ -43,3 +43,17 @@ def test_a_decoder_asked_onto_cuda_without_a_gpu_says_what_to_use(tmp_path):
     with pytest.raises(ModelLoadError, match="device='auto' or 'cpu'.*Colab"):
         load_decoder(tmp_path / "dec", device="cuda")
     assert (tmp_path / "dec" / "model.safetensors").is_file()  # nothing touched
+
+
+def test_an_index_saved_anywhere_opens_on_a_cpu_and_use_gpu_true_without_one_says_what_to_do(
+        store_index):
+    """save_index writes the CPU form (a GPU index is copied back first), so it opens here."""
+    from helpers.index import load_index, save_index
+
+    store, index = store_index
+    save_index(index, store)
+    assert load_index(store, use_gpu="auto").ntotal == len(store)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="use_gpu='auto'"):
+        load_index(store, use_gpu=True)
