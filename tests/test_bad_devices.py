@@ -57,3 +57,15 @@ def test_an_index_saved_anywhere_opens_on_a_cpu_and_use_gpu_true_without_one_say
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="use_gpu='auto'"):
         load_index(store, use_gpu=True)
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float32),   # T4: emulated bf16
+                                              ((8, 0), torch.bfloat16),  # A100 and newer
+                                              ((9, 0), torch.bfloat16)])
+def test_the_model_loads_in_bf16_only_on_a_gpu_that_computes_in_it(monkeypatch, capability,
+                                                                  dtype):
+    from helpers.model import default_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert default_dtype(torch.device("cuda")) == dtype
+    assert default_dtype(torch.device("cpu")) == torch.float32
