@@ -197,6 +197,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one line per step below, no loading bars
     if not args.fake_gpu and not torch.cuda.is_available():
         print("No CUDA GPU is visible to PyTorch. On Colab: Runtime > Change runtime type > "
               "GPU. Without a GPU run `python scripts/gpu_check.py --fake-gpu` (the CPU "
