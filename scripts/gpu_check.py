@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -163,6 +164,19 @@ def check_helpers(model_dir: Path, work: Path) -> dict:
             "cuda": torch.cuda.is_available()}
 
 
+def seed_corpus(data: Path) -> None:
+    """Copy the cached EU-law corpus (1.7 MB) into ``data``, so no run needs the network."""
+    import shutil
+
+    from helpers.paths import data_dir
+    try:
+        source = data_dir() / "cache" / "corpus"
+    except FileNotFoundError:  # a MEMDEC_DATA_DIR that does not exist: nothing to copy
+        return
+    if (source / "regulations.db").is_file() and not (data / "cache" / "corpus").exists():
+        shutil.copytree(source, data / "cache" / "corpus")
+
+
 def run_notebook(name: str, out_dir: Path, model_dir: Path, env: dict,
                  parameters: dict | None = None) -> tuple[bool, str]:
     """Execute ``notebooks/<name>.ipynb`` at smoke size; (ok, last error line)."""
@@ -208,6 +222,7 @@ def main(argv=None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="memdec-gpu-check-"))
     for sub in ("data", "executed", "ipython/profile_default/startup", "helpers"):
         (work / sub).mkdir(parents=True, exist_ok=True)
+    seed_corpus(work / "data")  # before MEMDEC_DATA_DIR points there
     (work / "ipython/profile_default/startup/00-gpu-check.py").write_text(STARTUP)
     env = {"MEMDEC_SMOKE": "1", "MEMDEC_DATA_DIR": str(work / "data"),
            "IPYTHONDIR": str(work / "ipython"), "MEMDEC_FAKE_GPU": "1" if args.fake_gpu else "0",
@@ -250,6 +265,11 @@ def main(argv=None) -> int:
         log = work / "executed" / f"{name}.devices.json"
         data = work / "data" / (name[:2] if args.fresh else "")
         data.mkdir(parents=True, exist_ok=True)
+        (data / "cache").mkdir(exist_ok=True)
+        if args.fresh and (work / "data" / "cache" / "corpus").is_dir():
+            # empty but for the corpus, which a fresh runtime downloads (this machine may not)
+            shutil.copytree(work / "data" / "cache" / "corpus", data / "cache" / "corpus",
+                            dirs_exist_ok=True)
         tic = time.perf_counter()
         ok, error = run_notebook(name, work / "executed", model_dir,
                                  {**env, "MEMDEC_DEVICE_LOG": str(log),
