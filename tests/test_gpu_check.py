@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.pretend_gpu  # -m "not pretend_gpu" skips these two
 
 
 def _gpu_check(tmp_path, *args):
