@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.pretend_gpu  # -m "not pretend_gpu" skips these two
 
