@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 # pytorch.org's selector) before the first `make`.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup tutorial test bench app chromium clean-cache
+.PHONY: setup tutorial test bench app chromium clean-cache colab-links gpu-check
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,16 @@ bench: setup
 	$(PY) benchmarks/bench_decoder.py
 	$(PY) benchmarks/bench_finetune.py
 	$(PY) benchmarks/bench_sampling.py
+
+# The repository address lives in pyproject.toml ([project.urls]); this writes it into every
+# Colab badge and setup cell: make colab-links REPO=owner/name
+colab-links:
+	$(PYTHON) scripts/colab_links.py $(if $(REPO),--set $(REPO))
+
+# Devices: the five notebooks at smoke size + the helpers' device paths on a CUDA GPU
+# (or, without one, on the pretend GPU of helpers/devicecheck.py: make gpu-check FAKE=1).
+gpu-check: setup
+	$(PY) scripts/gpu_check.py $(if $(FAKE),--fake-gpu)
 
 clean-cache:
 	rm -rf data/cache data/artifacts

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .model import tokenizer_fingerprint
+from .model import resolve_device, tokenizer_fingerprint
 from .paths import CorruptFile, load_weights, read_json, save_checkpoint
 from .validate import ArgumentTypeError, check_float, check_int
 
@@ -348,7 +348,8 @@ def load_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
             f"the decoder in {folder} was trained for another setup: " + "; ".join(diffs) +
             f". Retrain it for this setup in {NOTEBOOK}, or load the matching base model "
             f"({c.base_model_name!r}) and datastore.")
-    decoder = MemoryDecoder(c)
+    device = resolve_device(device)  # "cuda" without a GPU: says what to use instead
+    decoder = MemoryDecoder(c)  # weights are read onto the CPU, wherever they were saved
     load_weights(decoder, folder / "model.safetensors", _advice(folder))
     if output_embedding is not None:
         decoder.attach_output_embedding(output_embedding)

@@ -36,8 +36,9 @@ def _to_gpu(index, use_gpu):
     faiss = import_faiss()
     has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if use_gpu is True and not has_gpu:
-        raise RuntimeError("use_gpu=True but this faiss has no GPU; install faiss-gpu "
-                           "or pass use_gpu='auto'.")
+        raise RuntimeError("use_gpu=True but this faiss has no GPU (faiss-cpu, or no GPU "
+                           "here); pass use_gpu='auto' to search on the CPU, or install "
+                           "faiss-gpu-cu12 in place of faiss-cpu on a CUDA machine.")
     if use_gpu is False or not has_gpu:
         return index
     global _GPU_RESOURCES

@@ -49,8 +49,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device='cuda' was asked for but no CUDA GPU is visible; "
-                             "use device='auto' or 'cpu'.")
+        raise ModelLoadError("device='cuda' was asked for but PyTorch sees no CUDA GPU; "
+                             "use device='auto' or 'cpu'. In Colab: Runtime > Change runtime "
+                             "type > GPU, then run the notebook again (a CPU-only build of "
+                             "torch also sees none: see the README's GPU section).")
     return device
 
 
@@ -60,8 +62,12 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on a GPU, float32 elsewhere (CPU matmuls are exact in fp32)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bfloat16 on a GPU that computes in it natively (Ampere, compute capability 8, or
+    newer), float32 elsewhere: a CPU, and older GPUs such as Colab's T4, which emulate
+    bf16 (Gemma overflows in float16, so that is no way out)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
 
 
 def _assemble_gguf() -> Path:

@@ -31,8 +31,20 @@ def sha256_file(path: Path) -> str:
 
 
 def data_dir() -> Path:
-    """Root folder for data: ``$MEMDEC_DATA_DIR`` or ``<repo>/data``."""
-    return make_dir(Path(os.environ.get("MEMDEC_DATA_DIR", REPO_ROOT / "data")))
+    """Root folder for data: ``$MEMDEC_DATA_DIR`` or ``<repo>/data``.
+
+    A ``MEMDEC_DATA_DIR`` that does not exist is refused rather than created:
+    in Colab it is usually a Google Drive that is not mounted yet, and a
+    folder created in its place would vanish with the runtime.
+    """
+    chosen = os.environ.get("MEMDEC_DATA_DIR")
+    if chosen and not Path(chosen).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"MEMDEC_DATA_DIR={chosen} does not exist. Create it (mkdir -p {chosen}), or in "
+            "Colab mount your Drive first (from google.colab import drive; "
+            "drive.mount('/content/drive')); unset MEMDEC_DATA_DIR to use "
+            f"{REPO_ROOT / 'data'}.")
+    return make_dir(Path(chosen).expanduser() if chosen else REPO_ROOT / "data")
 
 
 def cache_dir(*parts: str) -> Path:

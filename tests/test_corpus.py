@@ -111,8 +111,14 @@ def test_file_without_qa_fields_says_which_are_missing(tmp_path):
 
 
 def test_hub_dataset_offline_names_the_embedded_default(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # both are read once at import: without these the Hub is tried and times out offline
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(CorpusError, match="load_corpus\\('eu-law'\\)"):
         load_corpus("ibunescu/qa_legal_dataset_train")
 

@@ -23,7 +23,11 @@ def test_asking_for_cuda_without_a_gpu_says_what_to_use():
 
 
 def test_hub_model_without_network_names_the_embedded_default(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once at import: without this the Hub is tried (and times out where there is no network)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match=f"load_base_model\\('{EMBEDDED_MODEL}'\\)"):
         load_base_model("google/gemma-2b")
 

@@ -1,0 +1,39 @@
+"""scripts/gpu_check.py on the CPU: the notebooks on the pretend GPU (helpers.devicecheck).
+
+On a machine with a CUDA GPU the same script runs them on the GPU itself
+(``python scripts/gpu_check.py``); here it keeps working without one.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.pretend_gpu  # -m "not pretend_gpu" skips these two
+
+
+def _gpu_check(tmp_path, *args):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--fake-gpu",
+                          "--skip-helpers", "--keep", str(tmp_path), *args],
+                         capture_output=True, text=True, timeout=1800)
+    report = "\n".join(ln for ln in out.stdout.splitlines() if ln.startswith(("gpu_check", "  ")))
+    return out.returncode, report + "\n" + out.stderr[-2000:] * (out.returncode != 0)
+
+
+def test_notebooks_01_and_02_keep_to_the_models_device(tmp_path):
+    code, report = _gpu_check(tmp_path, "--only", "01", "02")
+    assert code == 0, report
+    assert report.count("model on cuda:0") == 2, report
+
+
+def test_notebooks_04_and_05_build_what_they_lack_in_an_empty_folder(tmp_path):
+    """Each alone in an empty data folder, as from a Colab badge: both run notebook 03 first
+    (itself alone in that empty folder), and the decoder ends up on the model's device."""
+    code, report = _gpu_check(tmp_path, "--fresh", "--only", "04", "05")
+    assert code == 0, report
+    assert report.count("decoder on cuda:0") == 2, report
+    for n in ("04", "05"):
+        assert (tmp_path / "data" / n / "artifacts" / "smoke" / "memory_decoder"
+                / "config.json").is_file()
