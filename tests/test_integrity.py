@@ -282,7 +282,11 @@ def test_the_reachability_check_is_bounded_when_dns_hangs(monkeypatch):
 
     from helpers import model
     monkeypatch.setattr(model, "_HUB_REACHABLE", {})
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    def hang(*args, **kwargs):  # a DNS lookup that never answers, then gives up
+        time.sleep(30)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     tic = time.perf_counter()
     assert model.hub_reachable(timeout=0.5) is False
     assert time.perf_counter() - tic < 2
