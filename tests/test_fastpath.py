@@ -136,11 +136,10 @@ def test_causal_block_attention_hands_what_it_does_not_cover_to_sdpa(monkeypatch
                      ((None,), {"softcap": 30.0}),       # Gemma 2's logit soft-capping
                      ((None,), {"block": 128})]:         # nothing to skip
         n = len(calls)
-        if "softcap" in kw:
-            with pytest.raises(ValueError, match="softcap"):  # sdpa's own refusal
-                causal_block_attention(mod, q, k, v, *args, scaling=0.5, **kw)
-        else:
+        try:
             causal_block_attention(mod, q, k, v, *args, scaling=0.5, **kw)
+        except ValueError as err:  # transformers >= 5.2x's sdpa refuses a softcap itself
+            assert "softcap" in kw and "softcap" in str(err), err
         assert len(calls) == n + 1, kw
     with torch.autocast("cpu", dtype=torch.bfloat16):  # matmuls in bf16: SDPA's business
         causal_block_attention(mod, q, k, v, None, scaling=0.5)
