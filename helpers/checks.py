@@ -1,12 +1,92 @@
 """Checks for the notebooks' "try it" exercises: compare to a reference.
 
-Each ``check_*`` runs the learner's function on fresh random inputs and
-prints "passed", or raises an AssertionError that says what differs.
+Each ``check_*`` runs the learner's function on small fixed inputs and prints
+one line: "passed", or "failed: ..." saying what it expected and what it got
+(wrong shape, dtype or device, NaN, a wrong number, or an exception the
+function raised).  It returns True or False and never stops the notebook,
+except for ``NotImplementedError``, which it lets through so the notebook's
+stub cell can say "not implemented yet".
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
+
+
+class _Failed(Exception):
+    """One line for the learner: what was expected, what came back."""
+
+
+def _exercise(check):
+    """Turn a check's ``_Failed``/exceptions into one printed line and a bool."""
+    @functools.wraps(check)
+    def run(fn) -> bool:
+        try:
+            check(fn)
+        except _Failed as err:
+            print(f"failed: {err}")
+            return False
+        except NotImplementedError:
+            raise
+        except Exception as err:  # noqa: BLE001 - an answer the comparison cannot read
+            print(f"failed: could not compare your answer ({type(err).__name__}: "
+                  f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})")
+            return False
+        print("passed")
+        return True
+    return run
+
+
+def _call(fn, *args):
+    """``fn(*args)``; an exception (other than NotImplementedError) becomes one line."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the learner's code may raise anything
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise _Failed(f"your function raised {type(err).__name__}: {first}") from None
+
+
+def _describe(x) -> str:
+    """``float32 tensor of shape (5, 3) on cpu`` and the like."""
+    if torch.is_tensor(x):
+        return f"{str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)} " \
+               f"on {x.device.type}"
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} array of shape {x.shape}"
+    return f"{type(x).__name__} {x!r}"[:80]
+
+
+def _expect_tensor(got, what: str, shape, device=None, floating: bool | None = None):
+    """A tensor of ``shape`` (on ``device``; float or integer) with no NaN."""
+    want = (f"{'a floating' if floating else 'an integer' if floating is False else 'a'} "
+            f"tensor of shape {tuple(shape)}" + (f" on {device.type}" if device else ""))
+    if not torch.is_tensor(got):
+        raise _Failed(f"{what}: expected {want}; got {_describe(got)}")
+    if (tuple(got.shape) != tuple(shape) or (device is not None and got.device != device)
+            or (floating is not None and got.is_floating_point() != floating)):
+        raise _Failed(f"{what}: expected {want}; got {_describe(got)}")
+    if got.is_floating_point() and torch.isnan(got).any():
+        raise _Failed(f"{what}: expected no NaN; got {int(torch.isnan(got).sum())} NaN "
+                      "entries")
+
+
+def _expect_number(got, what: str) -> float:
+    """A finite Python/numpy/0-d tensor number."""
+    if torch.is_tensor(got) or isinstance(got, np.ndarray):
+        if got.ndim != 0 and tuple(got.shape) != (1,):
+            raise _Failed(f"{what}: expected one number; got {_describe(got)}")
+        got = got.reshape(()).item()
+    if isinstance(got, (bool, np.bool_)) or not isinstance(got, (int, float, np.number)):
+        raise _Failed(f"{what}: expected one number; got {_describe(got)}")
+    got = float(got)
+    if got != got:
+        raise _Failed(f"{what}: expected a finite number; got NaN")
+    return got
 
 
 def _reference_next_token_pairs(hidden, input_ids, attention_mask):
@@ -15,6 +95,7 @@ def _reference_next_token_pairs(hidden, input_ids, attention_mask):
     return hidden[:, :-1][keep], input_ids[:, 1:][keep]
 
 
+@_exercise
 def check_next_token_pairs(fn) -> None:
     """Exercise of notebook 01: ``fn(hidden, input_ids, attention_mask)``."""
     gen = torch.Generator().manual_seed(1)
@@ -26,22 +107,27 @@ def check_next_token_pairs(fn) -> None:
     for b, n in enumerate(lengths):
         attention_mask[b, :n] = 1
         input_ids[b, n:] = 0  # pad id
-    keys, values = fn(hidden, input_ids, attention_mask)
+    got = _call(fn, hidden, input_ids, attention_mask)
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        raise _Failed(f"expected a pair (keys, values); got {_describe(got)}")
+    keys, values = got
     ref_k, ref_v = _reference_next_token_pairs(hidden, input_ids, attention_mask)
     expected = sum(n - 1 for n in lengths)
-    assert keys.shape == (expected, D), (
-        f"keys should have shape ({expected}, {D}): one per real token that has a "
-        f"next real token; got {tuple(keys.shape)}")
-    assert values.shape == (expected,), f"values should have shape ({expected},)"
-    assert torch.equal(values, ref_v), "values must be the *next* token ids, in order"
-    assert torch.allclose(keys, ref_k), "keys must be hidden[b, t] for each value at t+1"
-    print("passed")
+    if torch.is_tensor(keys) and keys.ndim == 2 and keys.shape[0] != expected:
+        raise _Failed(f"keys: expected shape ({expected}, {D}), one per real token that "
+                      f"has a next real token; got {tuple(keys.shape)}")
+    _expect_tensor(keys, "keys", (expected, D), floating=True)
+    _expect_tensor(values, "values", (expected,), floating=False)
+    if not torch.equal(values, ref_v):
+        raise _Failed("values: expected the *next* token ids (input_ids[b, t+1]), in order; "
+                      f"got {values[:4].tolist()}... instead of {ref_v[:4].tolist()}...")
+    if not torch.allclose(keys, ref_k):
+        raise _Failed("keys: expected hidden[b, t] for each value at t+1; got other rows")
 
 
+@_exercise
 def check_knn_prob(fn) -> None:
     """Exercise of notebook 02: ``fn(distances, values, target, temperature)``."""
-    import numpy as np
-
     from .knn import knn_prob_of
 
     rng = np.random.default_rng(2)
@@ -49,14 +135,46 @@ def check_knn_prob(fn) -> None:
         distances = np.sort(rng.uniform(2000, 5000, 16)).astype(np.float32)  # (k,)
         values = rng.integers(0, 4, 16)                                      # (k,)
         for target in range(5):
-            got = float(fn(distances, values, target, temperature))
+            got = _expect_number(_call(fn, distances, values, target, temperature),
+                                 f"T={temperature}, target={target}")
             want = float(knn_prob_of(np.array([target]), distances[None], values[None],
                                      temperature)[0])
-            assert abs(got - want) < 1e-5, (
-                f"T={temperature}, target={target}: got {got:.6f}, expected {want:.6f}. "
-                "Sum exp(-d/T) over neighbours whose value is the target, divided by the "
-                "sum over all neighbours (subtract the smallest distance first).")
-    print("passed")
+            if abs(got - want) >= 1e-5:
+                raise _Failed(
+                    f"T={temperature}, target={target}: expected {want:.6f}, got {got:.6f}. "
+                    "Sum exp(-d/T) over neighbours whose value is the target, divided by "
+                    "the sum over all neighbours (subtract the smallest distance first).")
+
+
+def _drop_self_case():
+    """Distances/ids of k+1 neighbours for 4 queries that are stored rows 10..13."""
+    ids = np.array([[10, 3, 7, 5], [2, 11, 9, 4], [6, 8, 1, 0], [13, 12, 14, 15]])
+    distances = np.array([[0., 4., 9., 16.], [1., 1., 2., 3.], [5., 6., 7., 8.],
+                          [0., 0., 1., 2.]], dtype=np.float32)
+    own = np.array([10, 11, 12, 13])  # query 2's own row (12) was not found
+    return distances, ids, own
+
+
+@_exercise
+def check_drop_self(fn) -> None:
+    """Exercise of notebook 02: ``fn(distances (Q, k+1), ids (Q, k+1), own (Q,))``."""
+    from .knn import drop_own_rows
+
+    distances, ids, own = _drop_self_case()
+    got = _call(fn, distances.copy(), ids.copy(), own.copy())
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        raise _Failed(f"expected a pair (distances, ids); got {_describe(got)}")
+    want_d, want_i = drop_own_rows(distances, ids, own)
+    for what, g, w in (("ids", got[1], want_i), ("distances", got[0], want_d)):
+        g = np.asarray(g.cpu() if torch.is_tensor(g) else g)
+        if g.shape != w.shape:
+            raise _Failed(f"{what}: expected shape {w.shape} (k = {w.shape[1]} per query); "
+                          f"got {g.shape}")
+        if not np.array_equal(g, w):
+            row = int(np.flatnonzero((g != w).any(axis=1))[0])
+            raise _Failed(f"{what}, query {row}: expected {w[row].tolist()}, got "
+                          f"{g[row].tolist()}. Drop the query's own row; if it is not "
+                          "among the results, drop the farthest neighbour instead")
 
 
 def _reference_sparse_kl(logq, cols, probs):
@@ -67,6 +185,7 @@ def _reference_sparse_kl(logq, cols, probs):
     return torch.where(used, probs * (logp - logq_t), 0.0).sum(1).mean()
 
 
+@_exercise
 def check_sparse_kl(fn) -> None:
     """Exercise of notebook 03: ``fn(logq (B, V), cols (B, k), probs (B, k))``."""
     gen = torch.Generator().manual_seed(3)
@@ -77,16 +196,21 @@ def check_sparse_kl(fn) -> None:
     probs[:, -1] = 0.0
     cols[:, -1] = -1  # an unused slot, as in the precomputed targets
     probs = probs / probs.sum(1, keepdim=True)
-    got, want = fn(logq, cols, probs), _reference_sparse_kl(logq, cols, probs)
-    assert torch.is_tensor(got) and got.ndim == 0, "return one number: the batch mean"
-    assert torch.isfinite(got), ("got NaN/inf: skip unused slots (probability 0, "
-                                 "column -1) instead of taking log(0)")
-    assert torch.allclose(got, want, atol=1e-5), (
-        f"got {got.item():.5f}, expected {want.item():.5f}: sum p*(log p - log q) over "
-        "the used slots of each row, then average over the batch")
-    print("passed")
+    got = _call(fn, logq, cols, probs)
+    want = _reference_sparse_kl(logq, cols, probs)
+    if not torch.is_tensor(got) or got.ndim != 0:
+        raise _Failed(f"expected one number, the batch mean, as a 0-d tensor; got "
+                      f"{_describe(got)}")
+    if not torch.isfinite(got):
+        raise _Failed(f"expected a finite number; got {got.item()}: skip unused slots "
+                      "(probability 0, column -1) instead of taking log(0)")
+    if not torch.allclose(got, want, atol=1e-5):
+        raise _Failed(f"expected {want.item():.5f}, got {got.item():.5f}: sum "
+                      "p*(log p - log q) over the used slots of each row, then average "
+                      "over the batch")
 
 
+@_exercise
 def check_prob_blend(fn) -> None:
     """Exercise of notebook 04: ``fn(base_logits (V,), memory_logp (V,), alpha)``."""
     from .sampling import blend_logits
@@ -97,13 +221,15 @@ def check_prob_blend(fn) -> None:
     mem[10:] = -float("inf")  # the memory knows only 10 tokens
     mem = torch.log_softmax(mem, -1)
     for alpha in (0.0, 0.3, 1.0):
-        got = fn(base, mem, alpha)
+        got = _call(fn, base, mem, alpha)
         want = blend_logits(base, mem, alpha, mode="probs")
-        assert got.shape == want.shape, f"return log-probabilities of shape {tuple(want.shape)}"
-        assert not torch.isnan(got).any(), (
-            f"alpha={alpha}: NaN. log(0) meets 0*inf somewhere; mix in log space with "
-            "torch.logaddexp(log(1-a) + log p_base, log(a) + log p_mem)")
+        if torch.is_tensor(got) and tuple(got.shape) == tuple(want.shape) \
+                and got.device == base.device and torch.isnan(got).any():
+            raise _Failed(f"alpha={alpha}: expected no NaN; got NaN. log(0) meets 0*inf "
+                          "somewhere; mix in log space with torch.logaddexp(log(1-a) + "
+                          "log p_base, log(a) + log p_mem)")
+        _expect_tensor(got, f"alpha={alpha}", want.shape, base.device, floating=True)
         finite = torch.isfinite(want)
-        assert torch.allclose(got[finite], want[finite], atol=1e-4), (
-            f"alpha={alpha}: not (1-alpha)*softmax(base) + alpha*p_memory (as log-probs)")
-    print("passed")
+        if not torch.allclose(got[finite], want[finite], atol=1e-4):
+            raise _Failed(f"alpha={alpha}: expected (1-alpha)*softmax(base) + "
+                          "alpha*p_memory as log-probabilities; got other values")
