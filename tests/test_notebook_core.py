@@ -1,0 +1,71 @@
+"""The core ideas written out in the notebooks agree with the helpers the long runs use.
+
+Each test runs a notebook cell's own code (found by its cell id, so the
+notebook and the helper cannot drift apart) on small inputs and compares it
+with the helper.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def notebook_cell(notebook: str, cell_id: str, **names) -> dict:
+    """Run the code cell ``cell_id`` of ``notebook`` in a namespace of ``names``."""
+    cells = json.loads((NOTEBOOKS / notebook).read_text())["cells"]
+    source = [c for c in cells if c.get("id") == cell_id]
+    assert len(source) == 1, f"{notebook} has no cell {cell_id}: was it moved or renamed?"
+    namespace = {"np": np, "torch": torch, **names}
+    exec(compile("".join(source[0]["source"]), f"{notebook}:{cell_id}", "exec"), namespace)
+    return namespace
+
+
+NB02 = "02_datastore_knn_lm.ipynb"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 30.0, 5000.0])
+def test_knn_vote_of_notebook_02_equals_the_batched_knn_distribution(temperature):
+    from helpers.knn import knn_distribution
+
+    knn_vote = notebook_cell(NB02, "a3e51c03")["knn_vote"]
+    rng = np.random.default_rng(0)
+    distances = np.sort(rng.uniform(2000, 5000, (6, 16)), axis=1).astype(np.float32)
+    values = rng.integers(0, 5, (6, 16))  # few tokens: many neighbours share one
+    ids, probs = knn_distribution(distances, values, temperature)
+    for q in range(len(values)):
+        vote = knn_vote(distances[q], values[q], temperature)
+        helper = {int(i): float(p) for i, p in zip(ids[q], probs[q]) if i >= 0}
+        tokens = sorted(set(vote) | set(helper))  # a vote of weight 0 the helper leaves out
+        assert np.allclose([vote.get(t, 0.0) for t in tokens],
+                           [helper.get(t, 0.0) for t in tokens], atol=1e-6)
+        assert list(vote)[0] == int(ids[q, 0])  # the same most probable token
+
+
+def test_without_self_of_notebook_02_equals_search_with_exclude(store_index):
+    from helpers.knn import search
+
+    store, index = store_index
+    without_self = notebook_cell(NB02, "a3e51c07")["without_self"]
+    own = np.array([0, 3, 7, 20, len(store) - 1])
+    queries = np.asarray(store.keys, np.float32)[own]
+    k = 5
+    d_all, i_all = search(index, queries, k + 1)
+    d_ex, i_ex = search(index, queries, k, exclude=own)
+    for r in range(len(own)):
+        d, i = without_self(d_all[r], i_all[r], own[r])
+        assert np.array_equal(i, i_ex[r]) and np.allclose(d, d_ex[r])
+
+
+def test_without_self_of_notebook_02_drops_the_farthest_when_the_own_row_is_missing():
+    from helpers.knn import drop_own_rows
+
+    without_self = notebook_cell(NB02, "a3e51c07")["without_self"]
+    distances, ids = np.array([[1.0, 2.0, 3.0]]), np.array([[4, 5, 6]])
+    d, i = without_self(distances[0], ids[0], 9)
+    want_d, want_i = drop_own_rows(distances, ids, np.array([9]))
+    assert i.tolist() == want_i[0].tolist() == [4, 5] and np.allclose(d, want_d[0])
