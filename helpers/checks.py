@@ -233,3 +233,40 @@ def check_prob_blend(fn) -> None:
         if not torch.allclose(got[finite], want[finite], atol=1e-4):
             raise _Failed(f"alpha={alpha}: expected (1-alpha)*softmax(base) + "
                           "alpha*p_memory as log-probabilities; got other values")
+
+
+def _window_case():
+    """Keys of 3 documents (lengths 3, 1, 4), 2-d, and rows that touch each start."""
+    keys = torch.arange(16, dtype=torch.float32).reshape(8, 2) + 1  # (8, 2), no zeros
+    doc = np.array([0, 0, 0, 1, 2, 2, 2, 2])
+    rows = np.array([0, 2, 3, 4, 7, 6])
+    return keys.numpy(), doc, rows
+
+
+@_exercise
+def check_window_batch(fn) -> None:
+    """Exercise of notebook 03: ``fn(keys (N, D), doc (N,), rows (B,), W)``."""
+    from .train_decoder import window_batch
+
+    keys, doc, rows = _window_case()
+    for W in (1, 3):
+        got = _call(fn, keys.copy(), doc.copy(), rows.copy(), W)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise _Failed(f"W={W}: expected a pair (x, pad); got {_describe(got)}")
+        want_x, want_pad = window_batch(keys, doc, rows, W)
+        x, pad = got
+        _expect_tensor(x, f"W={W}, x", want_x.shape, floating=True)
+        _expect_tensor(pad, f"W={W}, pad", want_pad.shape)
+        if pad.dtype != torch.bool:
+            raise _Failed(f"W={W}, pad: expected a bool tensor (True = padded slot); got "
+                          f"{_describe(pad)}")
+        if not torch.equal(pad, want_pad):
+            b = int((pad != want_pad).any(1).nonzero()[0])
+            raise _Failed(f"W={W}, row {rows[b]}: expected pad {want_pad[b].tolist()}, got "
+                          f"{pad[b].tolist()}. Slots before the start of the row's own "
+                          "document are padding")
+        if not torch.equal(x, want_x):
+            b = int((x != want_x).flatten(1).any(1).nonzero()[0])
+            raise _Failed(f"W={W}, row {rows[b]}: expected x {want_x[b].tolist()}, got "
+                          f"{x[b].tolist()}. The last slot is the row itself; padded slots "
+                          "are zeros")

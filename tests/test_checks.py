@@ -192,3 +192,30 @@ def test_prob_blend_check_names_nan_from_zero_times_inf(capsys):
 def test_prob_blend_check_names_a_numpy_answer(capsys):
     assert checks.check_prob_blend(lambda b, m, a: _log_space_blend(b, m, a).numpy()) is False
     assert "got float32 array of shape (50,)" in _one_line(capsys)
+
+
+def test_window_batch_check_accepts_the_helper(capsys):
+    from helpers.train_decoder import window_batch
+    assert checks.check_window_batch(window_batch) is True
+    assert _one_line(capsys) == "passed"
+
+
+def test_window_batch_check_rejects_windows_that_cross_documents(capsys):
+    def across(keys, doc, rows, W):
+        src = rows[:, None] - np.arange(W - 1, -1, -1)
+        pad = src < 0
+        x = torch.from_numpy(keys[np.clip(src, 0, None)].copy())
+        x[torch.from_numpy(pad)] = 0.0
+        return x, torch.from_numpy(pad)
+    assert checks.check_window_batch(across) is False
+    assert "W=3, row 3: expected pad [True, True, False]" in _one_line(capsys)
+
+
+def test_window_batch_check_names_an_integer_pad_mask(capsys):
+    from helpers.train_decoder import window_batch
+
+    def int_pad(keys, doc, rows, W):
+        x, pad = window_batch(keys, doc, rows, W)
+        return x, pad.long()
+    assert checks.check_window_batch(int_pad) is False
+    assert "expected a bool tensor" in _one_line(capsys)

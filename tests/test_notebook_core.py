@@ -69,3 +69,56 @@ def test_without_self_of_notebook_02_drops_the_farthest_when_the_own_row_is_miss
     d, i = without_self(distances[0], ids[0], 9)
     want_d, want_i = drop_own_rows(distances, ids, np.array([9]))
     assert i.tolist() == want_i[0].tolist() == [4, 5] and np.allclose(d, want_d[0])
+
+
+NB03 = "03_train_memory_decoder.ipynb"
+
+
+def _small_decoder(window: int, seed: int = 0):
+    from helpers.decoder import DecoderConfig, MemoryDecoder
+
+    torch.manual_seed(seed)
+    return MemoryDecoder(DecoderConfig(key_dim=4, base_vocab_size=12, dim=8, n_layers=2,
+                                       n_heads=2, window=window, dropout=0.0,
+                                       vocab_ids=[1, 3, 4, 7, 9, 11])).eval()
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_decoder_forward_of_notebook_03_equals_memory_decoder_forward(window):
+    from helpers.train_decoder import window_batch
+
+    decoder_forward = notebook_cell(NB03, "b4f62d06")["decoder_forward"]
+    dec = _small_decoder(window)
+    keys = torch.randn(9, 4, generator=torch.Generator().manual_seed(1)).numpy()
+    doc = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    x, pad = window_batch(keys, doc, np.arange(9), window)  # rows at document starts pad
+    with torch.no_grad():
+        assert torch.allclose(decoder_forward(dec, x, pad), dec(x, pad), atol=1e-5)
+        assert torch.allclose(decoder_forward(dec, x), dec(x), atol=1e-5)
+
+
+def test_training_step_of_notebook_03_takes_the_step_of_memdec_loss():
+    from helpers.train_decoder import memdec_loss
+
+    training_step = notebook_cell(NB03, "b4f62d09")["training_step"]
+    mine, ref = _small_decoder(2).train(), _small_decoder(2).train()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 2, 4, generator=gen)
+    pad = torch.tensor([[True, False]] + [[False, False]] * 4)
+    ids = np.array([[3, 7, -1], [1, -1, -1], [9, 11, 4], [4, 3, -1], [11, -1, -1]])
+    probs = np.array([[.6, .4, 0], [1, 0, 0], [.5, .3, .2], [.9, .1, 0], [1, 0, 0]],
+                     dtype=np.float32)
+    nxt = np.array([3, 1, 9, 7, 11])
+
+    loss, kl, ce = training_step(mine, torch.optim.SGD(mine.parameters(), lr=0.5),
+                                 x, pad, ids, probs, nxt, 0.3)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    want, want_kl, want_ce = memdec_loss(ref(x, pad), ids, probs, nxt, ref, 0.3)
+    opt.zero_grad()
+    want.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    opt.step()
+    assert np.allclose([loss, kl, ce], [want.item(), want_kl.item(), want_ce.item()], atol=1e-6)
+    for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    assert not torch.equal(mine.head.weight, _small_decoder(2).head.weight)  # a step was taken
