@@ -270,3 +270,24 @@ def check_window_batch(fn) -> None:
             raise _Failed(f"W={W}, row {rows[b]}: expected x {want_x[b].tolist()}, got "
                           f"{x[b].tolist()}. The last slot is the row itself; padded slots "
                           "are zeros")
+
+
+@_exercise
+def check_sampling_distribution(fn) -> None:
+    """Exercise of notebook 04: ``fn(logp (V,), temperature, top_k)`` -> probs (V,)."""
+    from .sampling import sampling_distribution
+
+    gen = torch.Generator().manual_seed(5)
+    logp = torch.log_softmax(3 * torch.randn(40, generator=gen), -1)
+    for temperature, top_k in ((1.0, None), (0.5, 5), (2.0, 5), (1.0, 1)):
+        what = f"temperature={temperature}, top_k={top_k}"
+        got = _call(fn, logp.clone(), temperature, top_k)
+        want = sampling_distribution(logp, temperature, top_k)
+        _expect_tensor(got, what, want.shape, logp.device, floating=True)
+        if not torch.allclose(got, want, atol=1e-5):
+            kept, want_kept = int((got > 0).sum()), int((want > 0).sum())
+            hint = (f"{want_kept} tokens should keep probability > 0, got {kept}"
+                    if kept != want_kept else "divide the log-probabilities by the "
+                    "temperature before the softmax")
+            raise _Failed(f"{what}: expected softmax(logp / T) over the top_k most likely "
+                          f"tokens; got other values ({hint})")

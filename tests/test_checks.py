@@ -219,3 +219,25 @@ def test_window_batch_check_names_an_integer_pad_mask(capsys):
         return x, pad.long()
     assert checks.check_window_batch(int_pad) is False
     assert "expected a bool tensor" in _one_line(capsys)
+
+
+def test_sampling_distribution_check_accepts_the_helper(capsys):
+    from helpers.sampling import sampling_distribution
+    assert checks.check_sampling_distribution(sampling_distribution) is True
+    assert _one_line(capsys) == "passed"
+
+
+def test_sampling_distribution_check_rejects_ignoring_the_temperature(capsys):
+    from helpers.sampling import sampling_distribution
+
+    def no_temperature(logp, temperature, top_k):
+        return sampling_distribution(logp, 1.0, top_k)
+    assert checks.check_sampling_distribution(no_temperature) is False
+    assert "divide the log-probabilities by the temperature" in _one_line(capsys)
+
+
+def test_sampling_distribution_check_counts_the_tokens_top_k_keeps(capsys):
+    def no_top_k(logp, temperature, top_k):
+        return torch.softmax(logp / temperature, -1)
+    assert checks.check_sampling_distribution(no_top_k) is False
+    assert "5 tokens should keep probability > 0, got 40" in _one_line(capsys)
