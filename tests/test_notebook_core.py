@@ -122,3 +122,30 @@ def test_training_step_of_notebook_03_takes_the_step_of_memdec_loss():
     for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
     assert not torch.equal(mine.head.weight, _small_decoder(2).head.weight)  # a step was taken
+
+
+NB04 = "04_blended_sampling.ipynb"
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.8, 5), (1.0, None), (0.0, 1)])
+def test_blend_and_sample_of_notebook_04_picks_the_tokens_of_generate(tiny, one_thread,
+                                                                      temperature, top_k):
+    from helpers.decoder import DecoderConfig, MemoryDecoder
+    from helpers.sampling import generate
+
+    model, tok = tiny
+    blend_and_sample = notebook_cell(NB04, "c5a73e06")["blend_and_sample"]
+    torch.manual_seed(3)
+    decoder = MemoryDecoder(DecoderConfig(
+        key_dim=32, base_vocab_size=len(tok), dim=16, n_layers=1, n_heads=2, window=2,
+        vocab_ids=list(range(4, len(tok), 2)))).eval()
+    with torch.no_grad():
+        decoder.head.weight.mul_(20)  # a confident memory, so the blend changes the choice
+    prompt = "the data subject shall have the right"
+    steps = list(generate(model, tok, prompt, mode="memdec", decoder=decoder, alpha=0.6,
+                          blend="probs", temperature=temperature, top_k=top_k,
+                          max_new_tokens=12, seed=4))
+    mine = blend_and_sample(model, decoder, tok(prompt)["input_ids"], 0.6, temperature, top_k,
+                            len(steps), 4)
+    assert len(steps) >= 4, "generate stopped at an end token too soon to compare"
+    assert mine == [s.token_id for s in steps]
