@@ -291,3 +291,48 @@ def check_sampling_distribution(fn) -> None:
                     "temperature before the softmax")
             raise _Failed(f"{what}: expected softmax(logp / T) over the top_k most likely "
                           f"tokens; got other values ({hint})")
+
+
+def _words(text: str) -> int:
+    """A stand-in tokenizer for the checks: one token per word."""
+    return len(text.split())
+
+
+@_exercise
+def check_fit_prompt(fn) -> None:
+    """Exercise of notebook 05: ``fn(turns, question, count_tokens, budget)``."""
+    from .chat import build_prompt
+
+    turns = [("What is personal data?", "Any information on a person."),
+             ("Who is the controller?", "Whoever decides why and how data are processed."),
+             ("What is erasure?", "Deleting the data.")]
+    question = "When must data be erased?"
+    for budget in (100, 30, 20, 8, 3):
+        got = _call(fn, list(turns), question, _words, budget)
+        want = build_prompt(turns, question, _words, budget)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise _Failed(f"budget={budget}: expected a pair (prompt, n_dropped); got "
+                          f"{_describe(got)}")
+        if tuple(got) != want:
+            raise _Failed(f"budget={budget} words: expected {want[1]} turn(s) dropped "
+                          f"({'no prompt fits: None' if want[0] is None else f'{_words(want[0])} words'}); "
+                          f"got {got[1]!r} dropped, "
+                          f"{'None' if got[0] is None else f'{_words(str(got[0]))} words'}. "
+                          "Drop the oldest turns first, until the prompt fits; keep the "
+                          "rest in order, oldest first, then the open question")
+
+
+@_exercise
+def check_flipped(fn) -> None:
+    """Exercise of notebook 05: ``fn(blend_logp (N, V), base_logp (N, V))`` -> int."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.log_softmax(torch.randn(7, 12, generator=gen), -1)
+    blend = base.clone()
+    for t, token in ((1, 3), (4, 0), (5, 11)):  # the memory moves 3 of 7 argmaxes
+        blend[t, token] = blend[t].max() + 1.0
+    blend[2] += 0.5  # a shift that changes no choice
+    got = _expect_number(_call(fn, blend, base), "flipped")
+    want = int((blend.argmax(-1) != base.argmax(-1)).sum())
+    if got != want:
+        raise _Failed(f"expected {want} of {len(base)} tokens flipped, got {got:g}: count the "
+                      "positions where the blend's most likely token is not the base model's")

@@ -241,3 +241,36 @@ def test_sampling_distribution_check_counts_the_tokens_top_k_keeps(capsys):
         return torch.softmax(logp / temperature, -1)
     assert checks.check_sampling_distribution(no_top_k) is False
     assert "5 tokens should keep probability > 0, got 40" in _one_line(capsys)
+
+
+def test_fit_prompt_check_accepts_the_helper(capsys):
+    from helpers.chat import build_prompt
+    assert checks.check_fit_prompt(build_prompt) is True
+    assert _one_line(capsys) == "passed"
+
+
+def test_fit_prompt_check_rejects_dropping_the_newest_turns(capsys):
+    from helpers.chat import build_prompt
+
+    def newest_first(turns, question, count, budget):
+        prompt, dropped = build_prompt(turns[::-1], question, count, budget)
+        return prompt, dropped
+    assert checks.check_fit_prompt(newest_first) is False
+    assert "Drop the oldest turns first" in _one_line(capsys)
+
+
+def test_fit_prompt_check_names_a_missing_pair(capsys):
+    assert checks.check_fit_prompt(lambda t, q, c, b: "Question: x") is False
+    assert "expected a pair (prompt, n_dropped); got str" in _one_line(capsys)
+
+
+def test_flipped_check_accepts_the_count_of_changed_argmaxes(capsys):
+    assert checks.check_flipped(
+        lambda blend, base: int((blend.argmax(-1) != base.argmax(-1)).sum())) is True
+    assert _one_line(capsys) == "passed"
+
+
+def test_flipped_check_rejects_counting_every_changed_row(capsys):
+    assert checks.check_flipped(
+        lambda blend, base: int((blend != base).any(-1).sum())) is False
+    assert "expected 3 of 7 tokens flipped, got 4" in _one_line(capsys)

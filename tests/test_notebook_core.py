@@ -149,3 +149,30 @@ def test_blend_and_sample_of_notebook_04_picks_the_tokens_of_generate(tiny, one_
                             len(steps), 4)
     assert len(steps) >= 4, "generate stopped at an end token too soon to compare"
     assert mine == [s.token_id for s in steps]
+
+
+NB05 = "05_chat_panel.ipynb"
+
+
+def test_stream_of_notebook_05_shows_the_text_of_generate_text_token_by_token(tiny, one_thread):
+    from helpers.sampling import generate, generate_text
+
+    model, tok = tiny
+    stream = notebook_cell(NB05, "d6b84f05")["stream"]
+    kw = dict(temperature=0.9, top_k=5, max_new_tokens=10, seed=7)
+    want, steps = generate_text(model, tok, "the data subject shall", **kw)
+    shown = []
+    got = stream(generate(model, tok, "the data subject shall", **kw), shown.append)
+    assert got == want and shown == [s.text for s in steps]
+
+
+def test_stream_of_notebook_05_raises_an_error_of_the_generator_in_the_reader():
+    stream = notebook_cell(NB05, "d6b84f05")["stream"]
+
+    def broken():
+        yield type("Step", (), {"text": "a"})()
+        raise RuntimeError("the model failed")
+    shown = []
+    with pytest.raises(RuntimeError, match="the model failed"):
+        stream(broken(), shown.append)
+    assert shown == ["a"]
