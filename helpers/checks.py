@@ -336,3 +336,22 @@ def check_flipped(fn) -> None:
     if got != want:
         raise _Failed(f"expected {want} of {len(base)} tokens flipped, got {got:g}: count the "
                       "positions where the blend's most likely token is not the base model's")
+
+
+@_exercise
+def check_plan_windows(fn) -> None:
+    """Exercise of notebook 01: ``fn(n_tokens, window, overlap)`` -> [(start, end, first)]."""
+    from .hidden import plan_windows
+
+    for n_tokens, window, overlap in ((5, 8, 2), (8, 8, 2), (9, 8, 2), (20, 8, 3), (23, 6, 0)):
+        got = _call(fn, n_tokens, window, overlap)
+        want = plan_windows(n_tokens, window, overlap, prepend_bos=False)
+        try:
+            got = [tuple(int(v) for v in t) for t in got]
+        except (TypeError, ValueError):
+            raise _Failed(f"n_tokens={n_tokens}: expected a list of (start, end, first_target) "
+                          f"triples; got {_describe(got)}") from None
+        if got != want:
+            raise _Failed(f"n_tokens={n_tokens}, window={window}, overlap={overlap}: expected "
+                          f"{want}, got {got}. Each window after the first starts `overlap` "
+                          "tokens before its first target; targets 1..n_tokens-1 once each")

@@ -274,3 +274,21 @@ def test_flipped_check_rejects_counting_every_changed_row(capsys):
     assert checks.check_flipped(
         lambda blend, base: int((blend != base).any(-1).sum())) is False
     assert "expected 3 of 7 tokens flipped, got 4" in _one_line(capsys)
+
+
+def test_plan_windows_check_accepts_the_helper_without_bos(capsys):
+    from helpers.hidden import plan_windows
+    assert checks.check_plan_windows(lambda n, w, o: plan_windows(n, w, o, False)) is True
+    assert _one_line(capsys) == "passed"
+
+
+def test_plan_windows_check_rejects_windows_without_overlap(capsys):
+    def no_overlap(n, w, o):
+        return [(s, min(n, s + w), max(s, 1)) for s in range(0, n, w)]
+    assert checks.check_plan_windows(no_overlap) is False
+    assert "n_tokens=9, window=8, overlap=2: expected [(0, 8, 1), (6, 9, 8)], got [(0, 8, 1), (8, 9, 8)]" in _one_line(capsys)
+
+
+def test_plan_windows_check_names_a_wrong_return_type(capsys):
+    assert checks.check_plan_windows(lambda n, w, o: 3) is False
+    assert "expected a list of (start, end, first_target) triples; got int 3" in _one_line(capsys)
