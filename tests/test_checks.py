@@ -49,7 +49,8 @@ def test_next_token_pairs_check_names_a_float_dtype_for_values(capsys):
 
 def test_next_token_pairs_check_says_when_it_is_not_a_pair(capsys):
     assert checks.check_next_token_pairs(lambda h, i, m: h) is False
-    assert "expected a pair (keys, values); got float32 tensor of shape (4, 7, 4)" in _one_line(capsys)
+    assert "expected a pair (keys, values); got float32 tensor of shape (4, 7, 4)" \
+        in _one_line(capsys)
 
 
 def _stable_knn_prob(distances, values, target, temperature):
@@ -286,7 +287,8 @@ def test_plan_windows_check_rejects_windows_without_overlap(capsys):
     def no_overlap(n, w, o):
         return [(s, min(n, s + w), max(s, 1)) for s in range(0, n, w)]
     assert checks.check_plan_windows(no_overlap) is False
-    assert "n_tokens=9, window=8, overlap=2: expected [(0, 8, 1), (6, 9, 8)], got [(0, 8, 1), (8, 9, 8)]" in _one_line(capsys)
+    assert ("n_tokens=9, window=8, overlap=2: expected [(0, 8, 1), (6, 9, 8)], got "
+            "[(0, 8, 1), (8, 9, 8)]") in _one_line(capsys)
 
 
 def test_plan_windows_check_names_a_wrong_return_type(capsys):
