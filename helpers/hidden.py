@@ -187,24 +187,37 @@ def keys_by_layer(model, tokenizer, texts: list[str], max_tokens: int = 256,
                   batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every layer's hidden states for the first ``max_tokens`` of each text.
 
-    Returns ``keys (L+1, N, D)`` -- index 0 is the embeddings, ``L`` the last
-    block, and one more entry (``-1``) the final normalised state -- plus
-    ``values (N,)`` (next token ids) and ``doc (N,)``.  Used in notebook 01 to
-    ask which layer makes the best datastore key.
+    Returns ``keys (L+2, N, D)`` -- index 0 is the embeddings, ``1..L`` the
+    raw output of each block, and ``L+1`` (``-1``) the final normalised state
+    the head reads -- plus ``values (N,)`` (next token ids) and ``doc (N,)``.
+    Used in notebook 01 to ask which layer makes the best datastore key.
+
+    transformers' ``hidden_states`` ends with the *normalised* state, not the
+    last block's raw output, so that one is caught with a forward hook.
     """
     device = next(model.parameters()).device
     ids = [x[:max_tokens] for x in tokenize(tokenizer, texts)]
     per_layer, values, docs = [], [], []
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i:i + batch_size]
-        batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
-        out = body(model)(input_ids=batch["input_ids"].to(device),
-                          attention_mask=batch["attention_mask"].to(device),
-                          output_hidden_states=True, use_cache=False)
-        states = torch.stack(list(out.hidden_states) + [out.last_hidden_state])
-        for r, row in enumerate(chunk):
-            per_layer.append(states[:, r, :len(row) - 1].float().cpu().numpy())
-            values.append(np.asarray(row[1:], np.int64))
-            docs.append(np.full(len(row) - 1, i + r, np.int32))
+    model_body = body(model)
+    caught = {}
+    def catch(module, args, output):  # the last block's raw output (B, T, D)
+        caught["last"] = output[0] if isinstance(output, tuple) else output
+    hook = model_body.layers[-1].register_forward_hook(catch)
+    try:
+        for i in range(0, len(ids), batch_size):
+            chunk = ids[i:i + batch_size]
+            batch = tokenizer.pad({"input_ids": chunk}, return_tensors="pt")
+            out = model_body(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device),
+                             output_hidden_states=True, use_cache=False)
+            # hidden_states: embeddings, blocks 1..L-1, then norm(block L)
+            states = torch.stack(list(out.hidden_states[:-1])
+                                 + [caught.pop("last"), out.last_hidden_state])
+            for r, row in enumerate(chunk):
+                per_layer.append(states[:, r, :len(row) - 1].float().cpu().numpy())
+                values.append(np.asarray(row[1:], np.int64))
+                docs.append(np.full(len(row) - 1, i + r, np.int32))
+    finally:
+        hook.remove()
     return (np.concatenate(per_layer, axis=1), np.concatenate(values),
             np.concatenate(docs))

@@ -53,11 +53,24 @@ def search(index, queries: np.ndarray, k: int,
     distances, ids = index.search(queries, k + extra)  # (Q, k+extra) each
     if exclude is None:
         return distances, ids
-    drop = ids == exclude[:, None]          # (Q, k+1): at most one True per row
+    return drop_own_rows(distances, ids, exclude)
+
+
+def drop_own_rows(distances: np.ndarray, ids: np.ndarray,
+                  own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``k + 1`` neighbours ``(Q, k+1)`` -> ``k`` without each query's own row ``own (Q,)``.
+
+    A stored key's nearest neighbour is itself at distance 0; it would teach
+    "predict your own next token".  If the own row is not among the results
+    (ties, approximate search) the farthest neighbour is dropped instead, so
+    every row keeps ``k``.  Written out in notebook 02 (``drop_self``).
+    """
+    ids = np.asarray(ids)
+    drop = ids == np.asarray(own)[:, None]  # (Q, k+1): at most one True per row
     drop[~drop.any(axis=1), -1] = True      # own row not found: drop the farthest
     keep = ~drop
-    return (distances[keep].reshape(len(ids), k),
-            ids[keep].reshape(len(ids), k))
+    q, k = ids.shape[0], ids.shape[1] - 1
+    return np.asarray(distances)[keep].reshape(q, k), ids[keep].reshape(q, k)
 
 
 def lookup_values(store, ids: np.ndarray) -> np.ndarray:

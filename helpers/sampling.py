@@ -108,6 +108,20 @@ def _check_sampling(temperature, top_k, vocab_size: int | None = None) -> None:
                          f"tokens); use 1 <= top_k <= {vocab_size}, or 0 / None for all.")
 
 
+def sampling_distribution(logp: torch.Tensor, temperature: float,
+                          top_k: int | None = None) -> torch.Tensor:
+    """What ``sample_next`` draws from: ``softmax(logp / T)`` over the ``top_k`` best.
+
+    Probabilities ``(..., V)``; tokens outside the top k get 0 (ties with the
+    k-th are kept).  ``temperature`` must be > 0.  Exercise 2 of notebook 04.
+    """
+    scaled = logp.float() / temperature                          # (..., V)
+    if top_k:
+        kth = scaled.topk(int(top_k), dim=-1).values[..., -1:]   # (..., 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.softmax(scaled, dim=-1)
+
+
 def sample_next(logp: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Token ids ``()`` or ``(B,)`` drawn from ``logp (V,)`` or ``(B, V)``.
@@ -123,11 +137,7 @@ def sample_next(logp: torch.Tensor, temperature: float = 1.0, top_k: int | None 
             "(float16 overflows on a CPU) and check the memory's weights.")
     if temperature == 0 or top_k == 1:
         return logp.argmax(dim=-1)
-    scaled = logp.float() / temperature                          # (..., V)
-    if top_k:
-        kth = scaled.topk(int(top_k), dim=-1).values[..., -1:]   # (..., 1)
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1).reshape(-1, logp.shape[-1])  # (B, V)
+    probs = sampling_distribution(logp, temperature, top_k).reshape(-1, logp.shape[-1])
     if generator is not None and generator.device != probs.device:
         probs = probs.to(generator.device)
     ids = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
@@ -311,11 +321,17 @@ def _knn_memory(store, index, k: int, temperature: float):
     return memory
 
 
-def _forward_kwargs(model) -> tuple[str, dict]:
-    """The KV cache's argument name (``cache`` since transformers 5) and extras."""
+def cache_argument(model) -> str:
+    """The KV cache's argument name: ``cache`` since transformers 5, else ``past_key_values``."""
     params = inspect.signature(model.forward).parameters
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # skip (T-1, V)
-    return ("cache" if "cache" in params else "past_key_values"), extra
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _forward_kwargs(model) -> tuple[str, dict]:
+    """The KV cache's argument name and extras (``logits_to_keep=1``: skip (T-1, V))."""
+    params = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return cache_argument(model), extra
 
 
 @torch.inference_mode()

@@ -115,6 +115,17 @@ def test_keys_by_layer_stacks_embeddings_blocks_and_final_norm(tiny):
     assert values.tolist() == ex.values[first6].tolist()
 
 
+def test_keys_by_layer_shows_the_last_block_raw_not_the_final_norm_twice(tiny):
+    """transformers' hidden_states ends with norm(last block): the raw one must be caught."""
+    from helpers.hidden import keys_by_layer
+    model, tok = tiny
+    keys, _, _ = keys_by_layer(model, tok, TEXTS, max_tokens=6, batch_size=3)
+    last_block, final = torch.from_numpy(keys[-2]), torch.from_numpy(keys[-1])
+    assert not torch.allclose(last_block, final, atol=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.model.norm(last_block), final, atol=1e-5, rtol=1e-5)
+
+
 def test_a_bidirectional_model_keeps_its_padding_mask(tiny):
     """Dropping the mask is only exact for causal attention: check both ways."""
     from conftest import make_model
