@@ -105,9 +105,15 @@ def test_a_stub_still_raises_not_implemented_for_the_notebook_cell():
         checks.check_knn_prob(stub)
 
 
-def test_drop_self_check_accepts_the_helper(capsys):
-    from helpers.knn import drop_own_rows
-    assert checks.check_drop_self(drop_own_rows) is True
+@pytest.mark.parametrize("check, module, helper", [
+    ("check_drop_self", "helpers.knn", "drop_own_rows"),
+    ("check_window_batch", "helpers.train_decoder", "window_batch"),
+    ("check_sampling_distribution", "helpers.sampling", "sampling_distribution"),
+    ("check_fit_prompt", "helpers.chat", "build_prompt"),
+])
+def test_a_check_accepts_the_helper_it_stands_for(capsys, check, module, helper):
+    import importlib
+    assert getattr(checks, check)(getattr(importlib.import_module(module), helper)) is True
     assert _one_line(capsys) == "passed"
 
 
@@ -195,12 +201,6 @@ def test_prob_blend_check_names_a_numpy_answer(capsys):
     assert "got float32 array of shape (50,)" in _one_line(capsys)
 
 
-def test_window_batch_check_accepts_the_helper(capsys):
-    from helpers.train_decoder import window_batch
-    assert checks.check_window_batch(window_batch) is True
-    assert _one_line(capsys) == "passed"
-
-
 def test_window_batch_check_rejects_windows_that_cross_documents(capsys):
     def across(keys, doc, rows, W):
         src = rows[:, None] - np.arange(W - 1, -1, -1)
@@ -222,12 +222,6 @@ def test_window_batch_check_names_an_integer_pad_mask(capsys):
     assert "expected a bool tensor" in _one_line(capsys)
 
 
-def test_sampling_distribution_check_accepts_the_helper(capsys):
-    from helpers.sampling import sampling_distribution
-    assert checks.check_sampling_distribution(sampling_distribution) is True
-    assert _one_line(capsys) == "passed"
-
-
 def test_sampling_distribution_check_rejects_ignoring_the_temperature(capsys):
     from helpers.sampling import sampling_distribution
 
@@ -242,12 +236,6 @@ def test_sampling_distribution_check_counts_the_tokens_top_k_keeps(capsys):
         return torch.softmax(logp / temperature, -1)
     assert checks.check_sampling_distribution(no_top_k) is False
     assert "5 tokens should keep probability > 0, got 40" in _one_line(capsys)
-
-
-def test_fit_prompt_check_accepts_the_helper(capsys):
-    from helpers.chat import build_prompt
-    assert checks.check_fit_prompt(build_prompt) is True
-    assert _one_line(capsys) == "passed"
 
 
 def test_fit_prompt_check_rejects_dropping_the_newest_turns(capsys):
