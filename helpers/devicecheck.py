@@ -224,11 +224,24 @@ def fake_gpu() -> Iterator[FakeGPU]:
         finally:
             pretend(True)
 
+    # A CUDA build of PyTorch on a machine without a GPU would answer torch.accelerator's
+    # questions with "cuda" (it asks torch.cuda.is_available) and then fail in C when, e.g.,
+    # AdamW asks for the current stream.  Answer them as a CPU build does, so the check
+    # behaves the same whichever build is installed.
+    accel = getattr(torch, "accelerator", None)
+    accel_saved = {k: getattr(accel, k) for k in ("current_accelerator", "is_available")
+                   if accel is not None and hasattr(accel, k)}
+    accel_cpu = {"current_accelerator": lambda *a, **k: None, "is_available": lambda: False}
+
     pretend(True)
+    for k in accel_saved:
+        setattr(accel, k, accel_cpu[k])
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
     try:
         with mode:
             yield mode
     finally:
         PreTrainedModel.from_pretrained = loader
+        for k, v in accel_saved.items():
+            setattr(accel, k, v)
         pretend(False)

@@ -33,6 +33,24 @@ def test_a_model_moved_to_cuda_reports_cuda_and_torch_sees_a_gpu(gpu_model):
     assert torch.zeros(2).device.type == "cpu"
 
 
+def test_an_optimizer_step_works_where_torch_is_a_cuda_build_without_a_gpu(monkeypatch):
+    """A CUDA build of PyTorch on a GPU-less machine (pip's default on some Pythons) says
+    "cuda" to torch.accelerator; AdamW then asks it for the current stream, which fails in C.
+    Simulated here by making torch.accelerator answer as such a build does."""
+    answers = {"current_accelerator": lambda *a, **k: torch.device("cuda"),
+               "is_available": lambda: True}
+    for k, v in answers.items():
+        monkeypatch.setattr(torch.accelerator, k, v)
+    layer = torch.nn.Linear(3, 2)
+    with fake_gpu():
+        layer = layer.to("cuda")
+        opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+        layer(torch.ones(1, 3).to("cuda")).sum().backward()
+        opt.step()
+        assert torch.accelerator.current_accelerator(check_available=True) is None
+    assert torch.accelerator.current_accelerator() == torch.device("cuda")  # given back
+
+
 def test_cpu_inputs_to_a_model_on_the_gpu_are_refused(gpu_model):
     model, tok = gpu_model
     enc = tok("the data subject", return_tensors="pt")
