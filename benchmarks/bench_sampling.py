@@ -16,8 +16,12 @@ size's (``--quick``: the notebooks' default, ``helpers/sizes.py``), after a
   together;
 * memdec:    ``generate(mode="memdec")``: the same plus the decoder, no search;
 * adaptive:  memdec with the α gate (skipped without a trained gate);
-* original:  ``original_style_step``: no cache, two full forwards per token
-  over the whole prefix, logits at every position (the seed tutorial).
+* original:  ``original_style_step``: the original tutorial's loop as written
+  (manceps/MemoryDecoder ``app.py``): per token, no cache, a full forward
+  over the whole prefix for the logits, a body-only forward for the query,
+  one search of the exact (``Flat``) index for ``k`` neighbours, the decoder
+  and the logit blend.  It costs seconds per token on a CPU, so only
+  ``--original-tokens`` tokens are timed.
 
 Per-token time is the wall time between two yielded tokens (the prompt's
 forward, the first step, is excluded), the median over ``--repeats``
@@ -46,10 +50,10 @@ from helpers.sizes import pick_size
 
 
 @torch.inference_mode()
-def original_ms(model, ids, decoder, tokens: int) -> float:
+def original_ms(model, ids, decoder, index, values, k: int, tokens: int) -> float:
     tic = time.perf_counter()
     for _ in range(tokens):
-        nxt = original_style_step(model, ids, decoder, 0.5)
+        nxt = original_style_step(model, ids, decoder, 0.5, index=index, values=values, k=k)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
     return (time.perf_counter() - tic) / tokens * 1e3
 
@@ -123,11 +127,13 @@ def main() -> None:
             stream = generate(model, tok, prompt, **common, **runs[name])
             per_mode[name].append(ms_per_token(stream))
     for _ in range(args.repeats):  # last: its big allocations must not disturb the rest
-        per_mode["original"].append(original_ms(model, original_ids, decoder,
-                                                args.original_tokens))
+        per_mode["original"].append(original_ms(model, original_ids, decoder, flat,
+                                                store.values, args.k, args.original_tokens))
     ms = {name: statistics.median(v) for name, v in per_mode.items()}
     results = {"size": size.name, "decoder_window": decoder.config.window,
                "context_tokens": len(original_ids[0]), "new_tokens": args.tokens,
+               "original_tokens": args.original_tokens,
+               "original_loop": "full forward + body-only forward + Flat search, no cache",
                "repeats": args.repeats, "threads": torch.get_num_threads(),
                "knn_index": f"{args.index}, nprobe {args.nprobe}", "k": args.k,
                **heldout_knn_ppl(model, tok, store, {"flat": flat, "ivf": index}, args.k, size),

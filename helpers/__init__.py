@@ -14,6 +14,7 @@ Each module belongs to one concern and names the notebook that explains it:
 * ``helpers.train_decoder`` -- sparse kNN targets, loss, training loop (notebook 03)
 * ``helpers.finetune``      -- the fine-tuning reference (notebook 03)
 * ``helpers.sampling``      -- blending and KV-cached sampling (notebook 04)
+* ``helpers.stats``         -- perplexity ratios with a bootstrap interval (notebooks 03-04)
 * ``helpers.chat``          -- the chat panel (notebook 05)
 * ``helpers.checks``        -- checks for the "try it" exercises
 * ``helpers.validate``      -- argument checks that say what to pass (all notebooks)

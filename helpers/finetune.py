@@ -130,3 +130,59 @@ def finetune_body(model, tokenizer, texts, *, epochs: int = 1, lr: float = 5e-5,
     return {"trained_tokens": seen, "seconds": seconds, "tokens_per_second": seen / seconds,
             "losses": losses, "curve": curve,
             "trainable_params": sum(p.numel() for p in params)}
+
+
+def finetune_report(stats: dict | None, source: str | None, *, base_ppl: float,
+                    memdec_ppl: float, knn_ppl: float, train_seconds: float,
+                    decoder_params: int):
+    """Notebook 03, section 7: the fine-tuning figures beside this run's decoder.
+
+    ``stats`` as ``benchmarks/bench_finetune.py`` saves them (or ``None``:
+    says how to make them); ``source`` says where they came from.  Prints the
+    table and returns the figure of test perplexity against training time
+    (``None`` without figures).  The decoder's point and the kNN-LM's line are
+    drawn only when both runs scored the same test tokens.
+    """
+    if stats is None:
+        print("No fine-tuning figures: run `python benchmarks/bench_finetune.py --full "
+              "--eval-every 44` or set RUN_FINETUNE = True.")
+        return None
+    import matplotlib.pyplot as plt
+
+    machine = stats.get("machine", {})
+    print(f"fine-tuning figures from {source}\nmeasured on {machine.get('cpu', 'this machine')}, "
+          f"{machine.get('threads', '?')} threads, {machine.get('date', '')}\n")
+    # comparable only when both were scored on the same test tokens (not in a smoke run)
+    same_test = abs(base_ppl / stats["base_ppl"] - 1) < 1e-3
+    rows = [("base model", stats["base_ppl"], 0.0, "-"),
+            (f"fine-tuned body ({stats['epoch_fraction']:.0%} of an epoch)", stats["finetune_ppl"],
+             stats["seconds"], f"{stats['trainable_params'] / 1e6:.0f}M, all of the base body")]
+    if not same_test:
+        rows.append(("base model, this run's test tokens", base_ppl, 0.0, "-"))
+    rows.append(("MemoryDecoder (this run)", memdec_ppl, train_seconds,
+                 f"{decoder_params / 1e6:.1f}M, base untouched"))
+    print(f"{'':38}{'test ppl':>9}{'training':>11}   trained weights")
+    for name, ppl, secs, what in rows:
+        print(f"{name:38}{ppl:9.2f}{secs / 60:9.1f} min   {what}")
+    if not same_test:
+        print("(this run scored other test tokens than the fine-tuning run, as the quick and "
+              "smoke sizes do: compare each with its own base row)")
+    if "offdomain_finetune_ppl" in stats:
+        print(f"\noff-domain test text (notebook 04): base {stats['offdomain_base_ppl']:.2f}, "
+              f"fine-tuned {stats['offdomain_finetune_ppl']:.2f} "
+              f"({stats['offdomain_finetune_ppl'] / stats['offdomain_base_ppl'] - 1:+.1%})")
+
+    curve = [(0.0, stats["base_ppl"])] + [(c["seconds"] / 60, c["test_ppl"])
+                                          for c in stats["curve"]]
+    if not stats["curve"] or stats["curve"][-1]["trained_tokens"] < stats["trained_tokens"]:
+        curve.append((stats["seconds"] / 60, stats["finetune_ppl"]))  # the end of training
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(*zip(*curve), marker="o", label="fine-tuning the body")
+    if same_test:
+        ax.scatter([train_seconds / 60], [memdec_ppl], color="C2", marker="*", s=180,
+                   zorder=3, label="MemoryDecoder (this run)")
+        ax.axhline(knn_ppl, color="C1", ls="--", label="kNN-LM (search every token)")
+    ax.set(xlabel="training time (min; datastore and targets not counted)",
+           ylabel="test perplexity", title="How much training time buys how much perplexity?")
+    ax.legend(fontsize=8)
+    return fig

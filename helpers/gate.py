@@ -233,6 +233,26 @@ def train_gate(domains: list[dict], *, features=FEATURES, hidden: int = 16,
     return gate.eval(), history
 
 
+def gate_alpha(gate: AlphaGate, domain: dict) -> np.ndarray:
+    """``alpha_t (N,)`` of ``gate`` on one domain's rows (``features (N, F_all)``
+    as ``gate_inputs`` returns them; the gate picks its own columns)."""
+    cols = [FEATURES.index(n) for n in gate.config.features]
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(domain["features"])[:, cols], dtype=torch.float32)
+        return gate(x.to(gate.mean.device)).cpu().numpy()
+
+
+def gate_loss(gate: AlphaGate, domains: list[dict]) -> float:
+    """``train_gate``'s objective on other rows: each domain's mean mixture NLL
+    (nats), the domains averaged.  Lower is better; notebook 04 chooses among
+    gates with it on a validation split of their own."""
+    losses = [mixture_nll(torch.as_tensor(gate_alpha(gate, d)),
+                          torch.as_tensor(d["p_base"], dtype=torch.float32),
+                          torch.as_tensor(d["p_dec"], dtype=torch.float32)).mean().item()
+              for d in domains]
+    return float(np.mean(losses))
+
+
 def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128,
                 progress: bool = True) -> dict:
     """``features (N, F)``, ``p_base (N,)`` and ``p_dec (N,)`` of the true next tokens.

@@ -405,16 +405,30 @@ def ms_per_token(stream) -> float:
 # --- the slow reference: how the original tutorial sampled -----------------------
 
 @torch.inference_mode()
-def original_style_step(model, input_ids: torch.Tensor, decoder, alpha: float):
+def original_style_step(model, input_ids: torch.Tensor, decoder, alpha: float,
+                        index=None, values=None, k: int = 32):
     """SLOW REFERENCE: the next greedy token ``(B,)`` the original tutorial's way.
 
-    Two full forwards over the whole prefix ``input_ids (B, T)``, no cache:
-    one for the logits at every position, one for the hidden states; then
-    ``(1 - alpha) * logits + alpha * decoder logits`` and argmax.
+    Its generation loop (``app.py`` of manceps/MemoryDecoder), as written: per
+    token, no cache, one full forward over the whole prefix ``input_ids (B, T)``
+    for the logits (at every position), one body-only forward for the query
+    (the last hidden state), one FAISS search of ``index`` for ``k`` neighbours
+    whose ``values`` fill a dense vocabulary-wide count distribution (which the
+    original computes and then does not use), the decoder on the query, then
+    ``(1 - alpha) * logits + alpha * decoder logits`` and (here) the argmax.
+    Without ``index`` the search is skipped.
     """
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, -1]  # (B, V)
-    hidden = model(input_ids=input_ids, use_cache=False,
-                   output_hidden_states=True).hidden_states[-1]         # (B, T, D)
+    logits = model(input_ids).logits[:, -1]                             # (B, V)
+    body = model.get_decoder()                                          # no LM head
+    hidden = body(input_ids, output_hidden_states=True).hidden_states[-1]  # (B, T, D)
+    if index is not None:
+        query = hidden[:, -1].float().cpu().numpy()                     # (B, D)
+        _, ids = index.search(query, k)                                 # (B, k)
+        knn = np.zeros((len(query), logits.shape[-1]), np.float32)      # (B, V) dense
+        for b in range(len(query)):
+            for row in ids[b]:
+                knn[b, int(values[row])] += 1
+        knn /= knn.sum(axis=1, keepdims=True) + 1e-9
     W, T = decoder.config.window, input_ids.shape[1]
     x = hidden.new_zeros(len(hidden), W, hidden.shape[-1])              # (B, W, D)
     x[:, W - min(W, T):] = hidden[:, -W:]

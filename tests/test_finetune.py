@@ -53,3 +53,34 @@ def test_chunked_loss_equals_the_models_own_loss(softcap):
         for chunk in (3, 512):  # several chunks and one
             got = causal_lm_loss(model, ids, mask, labels, chunk=chunk)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _shipped_finetune_figures():
+    import json
+    from pathlib import Path
+    return json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+                       / "bench_finetune.json").read_text())
+
+
+def test_finetune_report_without_figures_says_how_to_make_them(capsys):
+    from helpers.finetune import finetune_report
+    assert finetune_report(None, None, base_ppl=9.0, memdec_ppl=5.0, knn_ppl=5.2,
+                           train_seconds=60.0, decoder_params=6_000_000) is None
+    assert "benchmarks/bench_finetune.py --full" in capsys.readouterr().out
+
+
+def test_finetune_report_draws_the_decoder_only_on_the_same_test_tokens(capsys):
+    import matplotlib
+    matplotlib.use("Agg")
+    from helpers.finetune import finetune_report
+    stats = _shipped_finetune_figures()
+    same = finetune_report(stats, "shipped", base_ppl=stats["base_ppl"], memdec_ppl=5.12,
+                           knn_ppl=5.22, train_seconds=3300.0, decoder_params=6_100_000)
+    out = capsys.readouterr().out
+    assert f"{stats['finetune_ppl']:9.2f}" in out and "MemoryDecoder (this run)" in out
+    assert "this run's test tokens" not in out
+    assert len(same.axes[0].collections) == 1  # the decoder's star
+    other = finetune_report(stats, "shipped", base_ppl=10.3, memdec_ppl=5.25, knn_ppl=5.3,
+                            train_seconds=110.0, decoder_params=1_400_000)
+    assert "this run's test tokens" in capsys.readouterr().out
+    assert len(other.axes[0].collections) == 0

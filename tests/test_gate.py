@@ -217,3 +217,23 @@ def test_features_equal_the_textbook_formulas_on_a_wide_vocabulary(sparse):
     for name, value in want.items():
         torch.testing.assert_close(got[:, F[name]], value, atol=2e-4, rtol=1e-4,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_gate_alpha_reads_only_the_gates_own_columns():
+    from helpers.gate import gate_alpha
+    inside, outside = two_domains()
+    gate, _ = train_gate([inside, outside], features=["dec_entropy", "dec_max_logp"], steps=50)
+    cols = [F["dec_entropy"], F["dec_max_logp"]]
+    expected = gate(torch.as_tensor(inside["features"][:, cols])).detach().numpy()
+    np.testing.assert_allclose(gate_alpha(gate, inside), expected, rtol=1e-6)
+
+
+def test_gate_loss_is_train_gates_objective_and_ranks_a_useless_gate_last():
+    from helpers.gate import gate_loss
+    inside, outside = two_domains()
+    gate, history = train_gate([inside, outside], steps=300)
+    # after the last step the loss is that of the weights before it, so compare one step back
+    assert gate_loss(gate, [inside, outside]) == pytest.approx(history["loss"][-1], rel=1e-2)
+    useless, _ = train_gate([inside, outside], steps=1, lr=1e-6)  # barely trained
+    fresh_in, fresh_out = two_domains(seed=1)                     # other rows, same kind
+    assert gate_loss(gate, [fresh_in, fresh_out]) < gate_loss(useless, [fresh_in, fresh_out])

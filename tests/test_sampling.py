@@ -414,6 +414,32 @@ def test_original_style_step_agrees_with_the_cached_logits_blend(tiny, decoder):
     assert slow.tolist() == [step.token_id]
 
 
+def test_original_style_step_is_the_originals_loop_one_search_and_a_body_only_forward(
+        tiny, decoder, store_index):
+    model, tok = tiny
+    store, index = store_index
+    searches, heads = [], []
+
+    class Counting:  # the index, counting its searches
+        d = index.d
+
+        def search(self, queries, k):
+            searches.append((queries.shape, k))
+            return index.search(queries, k)
+
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda mod, args, out: heads.append(args[0].shape[1]))
+    try:
+        ids = torch.tensor([tok(PROMPT)["input_ids"]])
+        with_search = original_style_step(model, ids, decoder, 0.5, index=Counting(),
+                                          values=store.values, k=4)
+    finally:
+        hook.remove()
+    assert searches == [((1, index.d), 4)]
+    assert heads == [ids.shape[1]]  # one LM head pass (every position); the query's is body only
+    assert with_search.tolist() == original_style_step(model, ids, decoder, 0.5).tolist()
+
+
 def test_knn_mode_reports_the_neighbours_documents(tiny, store_index):
     model, tok = tiny
     store, index = store_index
