@@ -31,7 +31,7 @@ import torch
 from traitlets import validate
 
 from .articles import TitleIndex, stored_indices
-from .sampling import generate
+from .sampling import banned_tokens, generate
 from .validate import check_int
 
 STOP_AT = ("\nQuestion:", "\nTitle:", "\nAnswer:")  # the model starts a new record
@@ -46,7 +46,9 @@ SLIDERS = {"alpha": ("α", 0.0, 1.0, 0.05, 0.5, "0 = base model only, 1 = memory
            "temperature": ("temperature", 0.0, 2.0, 0.05, 0.7, "0 = greedy"),
            "top_k": ("top-k", 1, 200, 1, 50, "1 = greedy"),
            "k": ("K", 1, 1024, 1, 32, "neighbours searched, at most the store's size"),
-           "max_new_tokens": ("max new", 1, 256, 1, 64, "tokens per answer")}
+           "max_new_tokens": ("max new", 1, 256, 1, 64, "tokens per answer"),
+           "no_repeat_ngram": ("no repeat n-gram", 0, 8, 1, 0,
+                               "0 = off; n: never the same n tokens twice in an answer")}
 
 
 def format_turn(question: str, answer: str | None = None, title: str | None = None) -> str:
@@ -197,7 +199,8 @@ class ChatPanel:
             self.view, W.HBox([self.article]), W.HBox([self.input, W.VBox([self.send_button, self.stop_button],
                                                   layout=W.Layout(flex="0 0 auto"))]),
             W.HBox([self.mode, self.alpha, self.temperature], layout=wrap),
-            W.HBox([self.top_k, self.k, self.max_new_tokens], layout=wrap),
+            W.HBox([self.top_k, self.k, self.max_new_tokens,
+                    self.no_repeat_ngram], layout=wrap),
             W.HBox([self.compare, self.adaptive], layout=wrap), self.status])
         self.widget.add_class("memdec-chat")
         for name, value in settings.items():
@@ -279,7 +282,8 @@ class ChatPanel:
                              f"with {n_new} new tokens: shorten it or lower 'max new'.")
         kw = dict(temperature=self.temperature.value, top_k=self.top_k.value,
                   max_new_tokens=n_new, blend=self.blend, truncate_left=False,
-                  seed=self.seed + len(self._turns))
+                  seed=self.seed + len(self._turns),
+                  no_repeat_ngram=self.no_repeat_ngram.value)
         alpha = self.alpha.value if mode != "base" else 0.0
         adaptive = self.adaptive.value and mode == "memdec"
         if self.adaptive.value and mode == "knn":
@@ -401,7 +405,11 @@ class ChatPanel:
         weight = self.model.get_output_embeddings().weight            # (V, D)
         keys = torch.stack([s.key for s in steps]).to(weight)         # (N, D)
         with torch.inference_mode():  # a final-logit softcap never moves the argmax
-            base_top = (keys @ weight.T).argmax(-1).tolist()          # (N,)
+            logits = (keys @ weight.T).float()                        # (N, V)
+            ids, n = [s.token_id for s in steps], self.no_repeat_ngram.value
+            for i in range(len(steps)):  # the base model obeys the same ban
+                logits[i, banned_tokens(ids[:i], n)] = float("-inf")
+            base_top = logits.argmax(-1).tolist()                     # (N,)
         differ = [s for s, b in zip(steps, base_top) if s.token_id != b]
         if turn is not None:  # for the highlighted view
             turn.pieces = [s.text for s in steps]

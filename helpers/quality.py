@@ -1,6 +1,6 @@
 """What the memory does to answers: greedy answers scored against the article.
 
-Explained in ``notebooks/05_chat_panel.ipynb`` (section 4); the benchmark
+Explained in ``notebooks/05_chat_panel.ipynb`` (section 5); the benchmark
 ``benchmarks/bench_answers.py`` runs the same code on more articles.
 
 Perplexity says how well a model *predicts* the law; this module asks what it
@@ -96,22 +96,26 @@ def pick_evenly(items: list, n: int) -> list:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round()]
 
 
-def answer(model, tokenizer, prompt: str, max_new_tokens: int, **mode_kw) -> str:
+def answer(model, tokenizer, prompt: str, max_new_tokens: int, no_repeat_ngram: int = 0,
+           **mode_kw) -> str:
     """A greedy answer (``temperature=0``) of at most ``max_new_tokens`` tokens,
-    cut where the model starts a new record.  ``mode_kw`` go to ``generate``."""
+    cut where the model starts a new record.  ``mode_kw`` go to ``generate``;
+    ``no_repeat_ngram`` (0 = off) is the same for every mode."""
     from .sampling import generate_text
     text, _ = generate_text(model, tokenizer, prompt, temperature=0, top_k=None,
-                            max_new_tokens=max_new_tokens, seed=0, **mode_kw)
+                            max_new_tokens=max_new_tokens, seed=0,
+                            no_repeat_ngram=no_repeat_ngram, **mode_kw)
     return cut_at_record(text).strip()
 
 
 def score_answers(model, tokenizer, records: list[dict], modes: dict, *,
                   max_new_tokens: int = 32, ref_words: int = REF_WORDS,
-                  progress=None) -> dict:
+                  no_repeat_ngram: int = 0, progress=None) -> dict:
     """Greedy answers of every mode to every record, with their scores.
 
     ``modes`` maps a name to ``generate`` keyword arguments (``{"base":
     dict(mode="base"), "memdec": dict(mode="memdec", decoder=..., alpha=0.6)}``).
+    ``no_repeat_ngram`` applies to every mode alike (``generate``).
     Returns ``{name: {"answers": [...], "rouge_l": (n,), "token_f1": (n,)}}``;
     ``progress(done, total)`` is called after each answer.
     """
@@ -119,7 +123,8 @@ def score_answers(model, tokenizer, records: list[dict], modes: dict, *,
     for name, kw in modes.items():
         answers, rl, tf = [], [], []
         for record in records:
-            text = answer(model, tokenizer, question_prompt(record), max_new_tokens, **kw)
+            text = answer(model, tokenizer, question_prompt(record), max_new_tokens,
+                          no_repeat_ngram, **kw)
             ref = reference_text(record["answer"], ref_words)
             answers.append(text)
             rl.append(rouge_l(text, ref))

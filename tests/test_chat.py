@@ -451,3 +451,60 @@ def test_the_tokens_the_memory_changed_are_marked(tiny, decoder, no_eos):
     assert flipped, "the tiny decoder at α = 1 should change some token"
     marks = re.findall(r"<mark class='memdec-changed'[^>]*>(.*?)</mark>", panel.view.value)
     assert [m.strip() for m in marks] == [f.strip() for f in flipped]
+
+
+# --- the repetition knob: the same ban in every mode, in the α = 0 answer and in influence --
+
+def bigrams(ids):
+    return list(zip(ids, ids[1:]))
+
+
+def test_no_repeat_ngram_is_a_panel_control_that_reaches_generate(tiny, no_eos):
+    loose = panel_for(tiny, temperature=0, max_new_tokens=30)
+    ask(loose, "the data subject")
+    ids = [s.token_id for s in loose.last_steps]
+    assert len(set(bigrams(ids))) < len(bigrams(ids))  # greedy, the tiny model loops
+    tight = panel_for(tiny, temperature=0, max_new_tokens=30, no_repeat_ngram=2)
+    assert tight.no_repeat_ngram.value == 2
+    ask(tight, "the data subject")
+    ids = [s.token_id for s in tight.last_steps]
+    assert len(ids) == 30 and len(set(bigrams(ids))) == len(bigrams(ids))
+
+
+def test_with_the_ban_alpha_zero_flips_nothing_and_equals_the_base_answer(tiny, decoder,
+                                                                          no_eos):
+    panel = panel_for(tiny, decoder=decoder, mode="memdec", alpha=0.0, temperature=0,
+                      max_new_tokens=30, no_repeat_ngram=2, compare=True)
+    answer = ask(panel, "the data subject")
+    assert panel._turns[-1].base_answer.strip() == answer
+    assert panel.last_notes[0].startswith("Memory influence: 0 of 30 tokens")
+
+
+def test_a_no_repeat_ngram_out_of_range_keeps_the_old_value_and_says_why(tiny):
+    panel = panel_for(tiny)
+    panel.no_repeat_ngram.value = 99
+    assert panel.no_repeat_ngram.value == 0 and "no repeat n-gram must be between" in status(panel)
+
+
+# --- bad input from the issue: answered or explained, never an exception ---------------------
+
+@pytest.mark.parametrize("question, box, said", [
+    ("tell me a joke", "", "no article matched; answering without a title"),
+    ("the commission and processing", "Article 999 of nothing", "No article is titled"),
+    ("", "", "Type a question first, or pick an article"),
+    ("the commission " * 400, "", "shorten it or lower 'max new'"),
+    ("Что говорит регламент о данных?", "", "no article matched"),
+    ("データ保護規則は何を言っていますか", "", "no article matched"),
+    ("\x00\x1b[m<script>alert('x')</script>", "", "no article matched"),
+])
+def test_bad_input_is_answered_or_explained_never_raised(tiny, question, box, said):
+    panel = panel_for(tiny, articles=ARTICLES, max_new_tokens=2, context_window=256)
+    panel.article.value = box
+    panel.input.value = question
+    thread = panel.send()  # must not raise
+    if thread is not None:
+        assert panel.wait(WAIT)
+        assert status(panel).startswith("Done"), status(panel)
+        assert "<script>" not in panel.view.value  # shown as text, not run
+    shown = html.unescape(panel.view.value) + status(panel)
+    assert said in shown
