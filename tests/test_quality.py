@@ -5,7 +5,7 @@ import pytest
 
 from helpers.articles import TitleIndex, stored_indices
 from helpers.quality import (cut_at_record, lcs_length, paired_bootstrap, pick_evenly,
-                             question_prompt, reference_text, rouge_l, token_f1)
+                             question_prompt, reference_text, rouge_l, score_answers, token_f1)
 
 TITLES = ["GDPR, Article 17: Right to erasure ('right to be forgotten')",
           "GDPR, Article 37: Designation of the data protection officer",
@@ -99,3 +99,23 @@ def test_stored_indices_finds_the_stride_notebook_02_stored(store_index):
     doubled = [t for text in STORE_TEXTS for t in (text, "not stored " + text)]
     assert stored_indices(store, doubled) == list(range(0, 16, 2))
     assert stored_indices(store, list(reversed(STORE_TEXTS))) is None
+
+
+def test_score_answers_asks_every_mode_greedily_with_the_same_repetition_ban(tiny, monkeypatch):
+    import helpers.sampling as sampling
+    seen = []
+
+    def fake_generate_text(model, tokenizer, prompt, **kw):
+        seen.append((prompt, kw))
+        return " the data subject shall\nQuestion: next", []
+
+    monkeypatch.setattr(sampling, "generate_text", fake_generate_text)
+    record = dict(title="T", question="q?", answer="the data subject shall have the right")
+    scores = score_answers(*tiny, [record], {"base": dict(mode="base"),
+                                             "other": dict(mode="base", alpha=0.5)},
+                           max_new_tokens=5, no_repeat_ngram=3)
+    assert [kw["no_repeat_ngram"] for _, kw in seen] == [3, 3]
+    assert all(kw["temperature"] == 0 and kw["max_new_tokens"] == 5 for _, kw in seen)
+    assert seen[0][0] == "Title: T\nQuestion: q?\nAnswer:"
+    assert scores["base"]["answers"] == ["the data subject shall"]  # cut at the new record
+    assert scores["base"]["rouge_l"][0] == pytest.approx(2 * 4 / (4 + 7))
