@@ -38,7 +38,8 @@ from helpers.decoder import load_decoder
 from helpers.index import load_or_build_index
 from helpers.model import EMBEDDED_MODEL, load_base_model
 from helpers.paths import artifacts_dir, write_results
-from helpers.quality import format_table, pick_evenly, quality_table, score_answers
+from helpers.quality import (format_table, pick_evenly, prompt_is_stored, quality_table,
+                             score_answers)
 from helpers.sizes import pick_size
 
 
@@ -63,7 +64,11 @@ def main() -> None:
     rows = stored_indices(store, list(train["text"]))
     if rows is None:
         raise SystemExit("the datastore was not built from this corpus's training split.")
-    stored = pick_evenly([train[i] for i in rows], args.articles)
+    docs = pick_evenly(list(range(len(rows))), args.articles)  # store document numbers
+    stored = [train[rows[d]] for d in docs]
+    same = sum(prompt_is_stored(store, tok, d, r) for d, r in zip(docs, stored))
+    print(f"{same} of {len(stored)} stored articles: the store holds the record's tokens and "
+          "the prompt is their start", file=sys.stderr)
     heldout = pick_evenly([held[i] for i in range(1, len(held), 2)], args.articles)
     decoder = load_decoder(out / "memory_decoder", base_model_name=EMBEDDED_MODEL,
                            tokenizer=tok, store=store)
@@ -90,6 +95,7 @@ def main() -> None:
     settings = {m: {k: v for k, v in kw.items() if isinstance(v, (int, float, str))}
                 for m, kw in modes.items()}
     results = {"size": size.name, "articles_per_set": len(stored), "max_new_tokens": args.tokens,
+               "prompt_is_stored": f"{same} of {len(stored)}",
                "no_repeat_ngram": args.no_repeat_ngram,
                "command": "python " + " ".join(sys.argv),
                "threads": torch.get_num_threads(), "seconds": time.perf_counter() - tic,

@@ -81,6 +81,17 @@ def question_prompt(record: dict) -> str:
     return format_record(record["title"], record["question"], "").rstrip()
 
 
+def prompt_is_stored(store, tokenizer, doc: int, record: dict) -> bool:
+    """Whether store document ``doc`` holds ``record``'s tokens, and the question prompt
+    is their start: the memory was built from exactly the text the prompt begins."""
+    ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+    rows = np.flatnonzero(np.asarray(store.doc) == doc)
+    values = np.asarray(store.values)[rows[np.argsort(np.asarray(store.pos)[rows])]]
+    prompt = tokenizer(question_prompt(record), add_special_tokens=True)["input_ids"]
+    return (len(values) > 0 and values.tolist() == ids[1:len(values) + 1]
+            and ids[:len(prompt)] == prompt)
+
+
 def cut_at_record(text: str) -> str:
     """``text`` up to the first sign of a new record (``\\nQuestion:`` ...)."""
     hits = [text.find(m) for m in STOP_AT if m in text]

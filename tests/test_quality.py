@@ -119,3 +119,21 @@ def test_score_answers_asks_every_mode_greedily_with_the_same_repetition_ban(tin
     assert seen[0][0] == "Title: T\nQuestion: q?\nAnswer:"
     assert scores["base"]["answers"] == ["the data subject shall"]  # cut at the new record
     assert scores["base"]["rouge_l"][0] == pytest.approx(2 * 4 / (4 + 7))
+
+
+def test_prompt_is_stored_when_the_store_holds_the_records_tokens(tiny):
+    from types import SimpleNamespace
+
+    from helpers.quality import prompt_is_stored
+    tok = tiny[1]
+    record = dict(title="the data", question="what is the data ?", answer="the data subject")
+    record["text"] = f"Title: {record['title']}\nQuestion: {record['question']}\nAnswer: " \
+                     + record["answer"]
+    ids = tok(record["text"])["input_ids"]
+    n = len(ids) - 1  # a key per position, its value the next token
+    store = SimpleNamespace(doc=[7] * n + [8], values=ids[1:][::-1] + [0],
+                            pos=list(range(n))[::-1] + [0])  # stored in any order
+    assert prompt_is_stored(store, tok, 7, record)
+    assert not prompt_is_stored(store, tok, 8, record)  # another document
+    other = dict(record, question="what is it ?")
+    assert not prompt_is_stored(store, tok, 7, other)
