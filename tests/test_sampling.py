@@ -463,6 +463,7 @@ def test_no_repeat_ngram_keeps_every_ngram_of_a_greedy_answer_unique(tiny, store
     assert len(tight) > 10 and len(set(ngrams(tight, 2))) == len(ngrams(tight, 2))
 
 
-def test_no_repeat_ngram_refuses_a_negative_size(tiny):
-    with pytest.raises(ValueError, match="no_repeat_ngram"):
-        gen(*tiny, no_repeat_ngram=-1)
+@pytest.mark.parametrize("n", [-1, 2.5, "3", None])
+def test_no_repeat_ngram_refuses_what_is_not_a_whole_number_from_zero(tiny, n):
+    with pytest.raises((ValueError, TypeError), match="no_repeat_ngram"):
+        gen(*tiny, no_repeat_ngram=n)
