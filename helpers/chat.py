@@ -196,8 +196,9 @@ class ChatPanel:
         self.adaptive.observe(self._adaptive_changed, "value")
         wrap = W.Layout(flex_flow="row wrap")  # narrow screens: controls wrap
         self.widget = W.VBox([
-            self.view, W.HBox([self.article]), W.HBox([self.input, W.VBox([self.send_button, self.stop_button],
-                                                  layout=W.Layout(flex="0 0 auto"))]),
+            self.view, W.HBox([self.article]),
+            W.HBox([self.input, W.VBox([self.send_button, self.stop_button],
+                                       layout=W.Layout(flex="0 0 auto"))]),
             W.HBox([self.mode, self.alpha, self.temperature], layout=wrap),
             W.HBox([self.top_k, self.k, self.max_new_tokens,
                     self.no_repeat_ngram], layout=wrap),

@@ -187,7 +187,8 @@ def quality_table(scores_by_set: dict, base: str = "base") -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """``quality_table`` as a Markdown table (what the README and notebook print)."""
-    lines = ["| articles | mode | n | ROUGE-L F1 | ÷ base (95 % CI) | token F1 | ÷ base (95 % CI) |",
+    lines = ["| articles | mode | n | ROUGE-L F1 | ÷ base (95 % CI) "
+             "| token F1 | ÷ base (95 % CI) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [r["set"], r["mode"], str(r["n"])]
