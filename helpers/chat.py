@@ -30,7 +30,8 @@ import ipywidgets as W
 import torch
 from traitlets import validate
 
-from .sampling import generate
+from .articles import TitleIndex, stored_indices
+from .sampling import banned_tokens, generate
 from .validate import check_int
 
 STOP_AT = ("\nQuestion:", "\nTitle:", "\nAnswer:")  # the model starts a new record
@@ -45,38 +46,42 @@ SLIDERS = {"alpha": ("α", 0.0, 1.0, 0.05, 0.5, "0 = base model only, 1 = memory
            "temperature": ("temperature", 0.0, 2.0, 0.05, 0.7, "0 = greedy"),
            "top_k": ("top-k", 1, 200, 1, 50, "1 = greedy"),
            "k": ("K", 1, 1024, 1, 32, "neighbours searched, at most the store's size"),
-           "max_new_tokens": ("max new", 1, 256, 1, 64, "tokens per answer")}
+           "max_new_tokens": ("max new", 1, 256, 1, 64, "tokens per answer"),
+           "no_repeat_ngram": ("no repeat n-gram", 0, 8, 1, 0,
+                               "0 = off; n: never the same n tokens twice in an answer")}
 
 
-def format_turn(question: str, answer: str | None = None) -> str:
-    """One turn in the corpus's own format; ``answer=None`` leaves it open."""
-    return f"Question: {question}\nAnswer:" + ("" if answer is None else f" {answer}")
+def format_turn(question: str, answer: str | None = None, title: str | None = None) -> str:
+    """One turn in the corpus's own format; ``answer=None`` leaves it open.
+
+    With a ``title`` the turn is a whole record, ``Title: ...\nQuestion: ...
+    \nAnswer: ...``: the format every article in the datastore was stored in.
+    """
+    head = f"Title: {title}\n" if title else ""
+    return f"{head}Question: {question}\nAnswer:" + ("" if answer is None else f" {answer}")
 
 
-def build_prompt(turns, question: str, count_tokens, budget: int):
+def build_prompt(turns, question: str, count_tokens, budget: int, title: str | None = None):
     """``(prompt, n_dropped)``: the newest turns that fit in ``budget`` tokens.
 
-    ``turns`` are earlier ``(question, answer)`` pairs, oldest first;
+    ``turns`` are earlier ``(question, answer)`` or ``(question, answer,
+    title)`` tuples, oldest first; ``title`` heads the new question.
     ``count_tokens(text)`` counts what the model will read.  Returns
     ``(None, len(turns))`` when even the new question alone does not fit.
     """
     for dropped in range(len(turns) + 1):
-        prompt = "\n\n".join([format_turn(q, a) for q, a in turns[dropped:]]
-                             + [format_turn(question)])
+        prompt = "\n\n".join([format_turn(*t) for t in turns[dropped:]]
+                             + [format_turn(question, title=title)])
         if count_tokens(prompt) <= budget:
             return prompt, dropped
     return None, len(turns)
 
 
 def doc_titles_for(store, texts, titles):
-    """Titles of the store's documents (notebook 02 stores the first ``num_docs``
-    training texts), or ``None`` if the manifest's corpus fingerprint disagrees."""
-    from .datastore import corpus_fingerprint
-    n = int(store.manifest.get("num_docs", 0))
-    if n > len(texts) or (corpus_fingerprint(list(texts[:n]))
-                          != store.manifest.get("corpus_fingerprint")):
-        return None
-    return list(titles[:n])
+    """Titles of the store's documents (``stored_indices``), or ``None`` if the
+    manifest's corpus fingerprint matches no selection of ``texts``."""
+    rows = stored_indices(store, list(texts))
+    return None if rows is None else [titles[i] for i in rows]
 
 
 class _Checked:
@@ -107,6 +112,10 @@ class _Turn:
     notes: list[str] = field(default_factory=list)
     streaming: bool = True
     adaptive: bool = False          # answered with the adaptive α gate
+    title: str | None = None        # the article title heading the prompt
+    title_note: str = ""            # how it was chosen, shown under the question
+    pieces: list[str] | None = None  # each token's text, once the answer is done
+    changed: list[bool] | None = None  # ... and whether the memory changed that token
 
 
 def _cut(text: str) -> str | None:
@@ -124,13 +133,23 @@ class ChatPanel:
     it set the Memory Decoder's weight per token; the α slider then scales it.
     ``doc_titles[i]`` names store document ``i`` in kNN provenance;
     ``context_window`` defaults to the model's ``max_position_embeddings``.
+    ``articles`` (``{title: its question}`` or a list of titles) fills the
+    article box: the prompt is then headed ``Title: ...`` as every stored
+    record is, with the title picked by the learner or found from the
+    question (``TitleIndex``); ``stored_titles`` are those in the memory.
+    ``compare=True`` starts with the α = 0 answer shown beside each answer.
     """
 
     def __init__(self, model, tokenizer, *, store=None, index=None, decoder=None,
                  gate=None, adaptive=False, doc_titles=None, mode="base", blend="probs",
-                 knn_temperature=300.0, seed=0, context_window=None, **settings):
+                 knn_temperature=300.0, seed=0, context_window=None, articles=None,
+                 stored_titles=None, compare=False, **settings):
         self.model, self.tokenizer, self.decoder, self.gate = model, tokenizer, decoder, gate
         self.store, self.index, self.doc_titles = store, index, doc_titles
+        self.articles = (dict(articles) if isinstance(articles, dict) else
+                         dict.fromkeys(articles or [], None))
+        self.stored_titles = set(stored_titles or [])
+        self.titles = TitleIndex(self.articles)
         self.blend, self.knn_temperature, self.seed = blend, knn_temperature, seed
         limit = model.config.get_text_config().max_position_embeddings
         if context_window is not None:
@@ -164,16 +183,25 @@ class ChatPanel:
                          style={"description_width": "initial"})
             slider.report, slider.hint = self._say, hint
             setattr(self, name, slider)
-        self.compare = W.Checkbox(description="also show the α = 0 answer", indent=False)
+        self.article = W.Combobox(
+            description="article", options=list(self.articles), ensure_option=False,
+            placeholder=("type to search the titles; empty: found from the question"
+                         if self.articles else "no article list given"),
+            disabled=not self.articles, style={"description_width": "initial"},
+            layout=W.Layout(flex="1 1 auto", width="auto"))
+        self.compare = W.Checkbox(description="also show the α = 0 answer", indent=False,
+                                  value=bool(compare))
         self.adaptive = W.Checkbox(description="adaptive α (Memory Decoder: a gate sets "
                                    "α per token, the slider scales it)", indent=False)
         self.adaptive.observe(self._adaptive_changed, "value")
         wrap = W.Layout(flex_flow="row wrap")  # narrow screens: controls wrap
         self.widget = W.VBox([
-            self.view, W.HBox([self.input, W.VBox([self.send_button, self.stop_button],
-                                                  layout=W.Layout(flex="0 0 auto"))]),
+            self.view, W.HBox([self.article]),
+            W.HBox([self.input, W.VBox([self.send_button, self.stop_button],
+                                       layout=W.Layout(flex="0 0 auto"))]),
             W.HBox([self.mode, self.alpha, self.temperature], layout=wrap),
-            W.HBox([self.top_k, self.k, self.max_new_tokens], layout=wrap),
+            W.HBox([self.top_k, self.k, self.max_new_tokens,
+                    self.no_repeat_ngram], layout=wrap),
             W.HBox([self.compare, self.adaptive], layout=wrap), self.status])
         self.widget.add_class("memdec-chat")
         for name, value in settings.items():
@@ -235,21 +263,28 @@ class ChatPanel:
         text = (self.input.value if text is None else text).strip()
         if self.busy:
             return self._say("Still answering: wait for the answer or press Stop.")
+        title, title_note = self.choose_title(text)
+        if not text and title is not None and self.articles.get(title):
+            text = self.articles[title]  # an article picked, no question: the record's own
         if not text:
-            return self._say("Type a question first.")
+            return self._say("Type a question first" + (
+                ", or pick an article to ask its own question." if self.articles else "."))
         mode, n_new = self.mode.value, self.max_new_tokens.value
         if not self.available[mode]:
             return self._say(MISSING[mode] + ".")
         budget = self.context_window - n_new
         count = lambda s: len(self.tokenizer(s, add_special_tokens=True)["input_ids"])
-        prompt, dropped = build_prompt(self.history, text, count, budget)
+        turns = [(t.user, t.answer.strip(), t.title) for t in self._turns]
+        prompt, dropped = build_prompt(turns, text, count, budget, title=title)
         if prompt is None:
-            return self._say(f"The question is {count(format_turn(text))} tokens but only "
+            return self._say(f"The question is {count(format_turn(text, title=title))} "
+                             f"tokens (with its title) but only "
                              f"{budget} fit in the {self.context_window}-token context "
                              f"with {n_new} new tokens: shorten it or lower 'max new'.")
         kw = dict(temperature=self.temperature.value, top_k=self.top_k.value,
                   max_new_tokens=n_new, blend=self.blend, truncate_left=False,
-                  seed=self.seed + len(self._turns))
+                  seed=self.seed + len(self._turns),
+                  no_repeat_ngram=self.no_repeat_ngram.value)
         alpha = self.alpha.value if mode != "base" else 0.0
         adaptive = self.adaptive.value and mode == "memdec"
         if self.adaptive.value and mode == "knn":
@@ -265,7 +300,8 @@ class ChatPanel:
             return self._say(str(err))
         label = (f", adaptive α ≤ {alpha:g}" if adaptive else
                  f", α={alpha:g}" if mode != "base" else "")
-        turn = _Turn(text, MODE_LABELS[mode] + label, adaptive=adaptive)
+        turn = _Turn(text, MODE_LABELS[mode] + label, adaptive=adaptive, title=title,
+                     title_note=title_note)
         self._turns.append(turn)
         self.last_prompt, self.input.value = prompt, ""
         note = (f"The oldest {dropped} turn(s) no longer fit in the {budget}-token prompt "
@@ -277,6 +313,32 @@ class ChatPanel:
                                         args=(turn, stream, prompt, base_kw, stop, note))
         self._thread.start()
         return self._thread
+
+    def choose_title(self, question: str):
+        """``(title or None, what the panel says about it)`` for the next prompt.
+
+        The article box wins when it holds a known title; otherwise the title
+        closest to the question (``TitleIndex``); otherwise no title.
+        """
+        if not self.articles:
+            return None, ""
+        picked, said = self.article.value.strip(), ""
+        if picked in self.articles:
+            return picked, f"Article used: {picked}{self._where(picked)}, picked by you."
+        if picked:
+            said = f"No article is titled “{picked[:80]}”; "
+        found = self.titles.match(question) if question else None
+        if found is None:
+            return None, (said + "no article matched; answering without a title "
+                          "(pick one in the article box to ask about it).")
+        return found[0], (said + f"Article used: {found[0]}{self._where(found[0])}, "
+                          f"found from the question (title match {found[1]:.2f}).")
+
+    def _where(self, title: str) -> str:
+        if not self.stored_titles:
+            return ""
+        return (" (in the memory)" if title in self.stored_titles
+                else " (not in the memory)")
 
     def stop(self) -> None:
         """Ask the running answer to stop after the current token."""
@@ -314,7 +376,7 @@ class ChatPanel:
             stopped = stop.is_set() and not cut and not (steps and steps[-1].finished)
             message = (f"{'Stopped by you' if stopped else 'Done'}: {len(steps)} tokens in "
                        f"{seconds:.1f} s ({len(steps) / max(seconds, 1e-9):.1f} tokens/s).")
-            turn.notes += (self._influence(steps)
+            turn.notes += (self._influence(steps, turn)
                            + (self._adaptive_note(steps) if turn.adaptive else [])
                            + self._sources(steps))
             if base_kw is not None and not stop.is_set():
@@ -333,7 +395,7 @@ class ChatPanel:
             self._render()
             self._say(note + message)
 
-    def _influence(self, steps) -> list[str]:
+    def _influence(self, steps, turn=None) -> list[str]:
         """How many tokens differ from the base model's greedy choice (see top)."""
         if not steps or steps[0].memory_top_id is None:
             return []
@@ -344,8 +406,15 @@ class ChatPanel:
         weight = self.model.get_output_embeddings().weight            # (V, D)
         keys = torch.stack([s.key for s in steps]).to(weight)         # (N, D)
         with torch.inference_mode():  # a final-logit softcap never moves the argmax
-            base_top = (keys @ weight.T).argmax(-1).tolist()          # (N,)
+            logits = (keys @ weight.T).float()                        # (N, V)
+            ids, n = [s.token_id for s in steps], self.no_repeat_ngram.value
+            for i in range(len(steps)):  # the base model obeys the same ban
+                logits[i, banned_tokens(ids[:i], n)] = float("-inf")
+            base_top = logits.argmax(-1).tolist()                     # (N,)
         differ = [s for s, b in zip(steps, base_top) if s.token_id != b]
+        if turn is not None:  # for the highlighted view
+            turn.pieces = [s.text for s in steps]
+            turn.changed = [s.token_id != b for s, b in zip(steps, base_top)]
         own = sum(s.token_id == s.memory_top_id for s in differ)
         greedy = self.temperature.value == 0 or self.top_k.value == 1
         why = ("greedy decoding: each is a flip by the memory" if greedy else
@@ -373,18 +442,45 @@ class ChatPanel:
 
     # --- the view -----------------------------------------------------------------
 
+    def _answer_html(self, t) -> str:
+        """The answer, with the tokens the memory changed marked (once it is done)."""
+        if t.streaming or t.pieces is None or not any(t.changed):
+            return html.escape(t.answer.strip(), quote=False)
+        out, left = [], len(t.answer)  # the answer may end before its last token
+        for piece, changed in zip(t.pieces, t.changed):
+            piece, left = piece[:left], left - len(piece)
+            text = html.escape(piece, quote=False)
+            out.append(f"<mark class='memdec-changed' title='the memory changed this token' "
+                       f"style='background:#ffe08a;padding:0'>{text}</mark>"
+                       if changed and piece.strip() else text)
+            if left <= 0:
+                break
+        return "".join(out).strip()
+
     def _render(self) -> None:
         esc = lambda s: html.escape(s.strip(), quote=False)
         p = "<p style='margin:2px 0 6px 0;{}'>".format  # compact paragraphs
         rows = []
         for t in self._turns:
             cursor = " ▌" if t.streaming else ""
-            rows.append(f"{p('')}<b>You:</b> {esc(t.user)}</p>{p('')}<b>Model "
-                        f"({esc(t.label)}):</b> {esc(t.answer)}{cursor}</p>")
-            if t.base_answer is not None:
-                rows.append(f"{p('color:#555')}<b>α = 0 (base model):</b> "
-                            f"{esc(t.base_answer)}</p>")
+            rows.append(f"{p('')}<b>You:</b> {esc(t.user)}</p>")
+            if t.title_note:
+                rows.append(f"{p('color:#555;font-size:90%')}{esc(t.title_note)}</p>")
+            mine = (f"{p('')}<b>Model ({esc(t.label)}):</b> {self._answer_html(t)}"
+                    f"{cursor}</p>")
+            if t.base_answer is None:
+                rows.append(mine)
+            else:  # side by side: the same prompt and seed, with and without the memory
+                base = (f"{p('color:#555')}<b>α = 0 (base model):</b> "
+                        f"{esc(t.base_answer)}</p>")
+                col = "<div style='flex:1 1 280px;min-width:0'>{}</div>".format
+                rows.append("<div class='memdec-compare' style='display:flex;gap:12px;"
+                            f"flex-wrap:wrap'>{col(mine)}{col(base)}</div>")
             rows += [f"{p('color:#777;font-size:90%')}{esc(n)}</p>" for n in t.notes]
+        if any(t.changed and any(t.changed) for t in self._turns):
+            rows.append(f"{p('color:#777;font-size:90%')}<mark style='background:#ffe08a'>"
+                        "marked</mark>: tokens where the memory changed the base model's "
+                        "greedy choice.</p>")
         body = "".join(rows) or f"{p('color:#777')}No questions yet.</p>"
         # column-reverse keeps the newest text in sight as the view scrolls
         self.view.value = ("<div style='display:flex;flex-direction:column-reverse;"

@@ -227,7 +227,8 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
              blend: str = "probs", temperature: float = 0.7, top_k: int | None = 50,
              max_new_tokens: int = 64, seed: int = 0, decoder=None, store=None,
              index=None, k: int = 32, knn_temperature: float = 300.0, stop_event=None,
-             truncate_left: bool = True, gate=None, adaptive: bool = False):
+             truncate_left: bool = True, gate=None, adaptive: bool = False,
+             no_repeat_ngram: int = 0):
     """Yield one ``Step`` per new token, as soon as it is produced.
 
     Arguments are checked here, before the first token; iterate the result
@@ -235,7 +236,8 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
     ``threading.Event``) stops it between two tokens.  ``adaptive=True``
     (mode ``"memdec"``) lets a trained ``gate`` (``helpers.gate``) set the
     memory's weight per token: ``alpha_t = alpha * gate(...)``, reported in
-    ``Step.alpha``.
+    ``Step.alpha``.  ``no_repeat_ngram=n`` (0 = off) never writes the same
+    ``n`` tokens twice in one answer (``banned_tokens``), in every mode alike.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}. Pass one of those "
@@ -261,6 +263,7 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
         raise ValueError("The prompt is empty: type something for the model to continue.")
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, example=64)
     check_int("seed", seed, 0, example=0)
+    no_repeat_ngram = check_int("no_repeat_ngram", no_repeat_ngram, 0, example=4)
     limit = config.max_position_embeddings - max_new_tokens  # room left for the prompt
     if max_new_tokens < 1 or limit < 2:
         raise ValueError(f"max_new_tokens must be >= 1 and leave room for a prompt in the "
@@ -291,7 +294,21 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
     return _steps(model, tokenizer, ids, memory=memory, layer=layer, W=W, alpha=alpha,
                   blend=blend, temperature=temperature, top_k=top_k,
                   max_new_tokens=max_new_tokens, seed=seed, stop_event=stop_event,
-                  cut=cut, gate=gate)
+                  cut=cut, gate=gate, no_repeat_ngram=no_repeat_ngram)
+
+
+def banned_tokens(ids: list[int], n: int) -> list[int]:
+    """Tokens that would repeat an ``n``-gram already in ``ids`` (the answer so far).
+
+    The next token may not complete an ``n``-gram that occurred before:
+    transformers' ``no_repeat_ngram_size``, over the new tokens only (a title
+    word may be recited).  ``n = 0`` bans nothing.
+    """
+    if n < 1 or len(ids) < n:
+        return []
+    head = tuple(ids[len(ids) - n + 1:])  # the last n - 1 tokens
+    return sorted({ids[i + n - 1] for i in range(len(ids) - n + 1)
+                   if tuple(ids[i:i + n - 1]) == head})
 
 
 def _check_adaptive(mode, gate, decoder) -> None:
@@ -336,7 +353,7 @@ def _forward_kwargs(model) -> tuple[str, dict]:
 
 @torch.inference_mode()
 def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature, top_k,
-           max_new_tokens, seed, stop_event, cut, gate=None):
+           max_new_tokens, seed, stop_event, cut, gate=None, no_repeat_ngram=0):
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     eos, text = _eos_ids(model, tokenizer), _Detokenizer(tokenizer, ids)
@@ -345,6 +362,7 @@ def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature
     # DynamicCache; every later one reads one token (1, 1) and extends the cache
     new_input, cache = torch.tensor([ids], device=device), None
     window = deque(maxlen=W)  # the last W hidden states, prompt included
+    new_ids = []  # the answer so far, for no_repeat_ngram
     for i in range(max_new_tokens):
         if stop_event is not None and stop_event.is_set():
             return
@@ -370,7 +388,11 @@ def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature
                 mem, top = lp, int(lp.argmax())
             a = alpha if gate is None else float(gate.alpha(logits, lp, alpha, ids)[0])
             logp = blend_logits(logits, mem, a, blend)
-        token = int(sample_next(logp, temperature, top_k, generator))
+        banned = banned_tokens(new_ids, no_repeat_ngram)
+        allowed = logp.index_fill(0, torch.tensor(banned, device=device), float("-inf")) \
+            if banned else logp                                   # (V,)
+        token = int(sample_next(allowed, temperature, top_k, generator))
+        new_ids.append(token)
         finished = ("eos" if token in eos else
                     "max_new_tokens" if i == max_new_tokens - 1 else None)
         yield Step(i, token, text.push(token), float(logp[token]), float(base[token]),

@@ -1,6 +1,7 @@
 """The chat panel (helpers.chat), notebook 05: on the tiny model, no browser."""
 
 import html
+import re
 import threading
 from collections import Counter
 
@@ -349,3 +350,161 @@ def test_adaptive_kNN_is_refused_and_the_question_kept(tiny, decoder, store_inde
     assert panel.send() is None
     assert "switch the mode to Memory Decoder" in status(panel)
     assert panel.input.value == "the data subject" and panel.history == []
+
+
+# --- the article: prompts the memory can serve -----------------------------------------
+
+ARTICLES = {"regulation article 1 : the data subject": "what does the data subject have ?",
+            "commission authority processing": "what does the commission do ?"}
+
+
+def test_a_titled_turn_is_a_whole_record_in_the_corpus_format():
+    assert format_turn("q", title="T") == "Title: T\nQuestion: q\nAnswer:"
+    prompt, _ = build_prompt([("q1", "a1", "T1"), ("q2", "a2")], "q3",
+                             lambda s: len(s.split()), budget=100, title="T3")
+    assert prompt == ("Title: T1\nQuestion: q1\nAnswer: a1\n\nQuestion: q2\nAnswer: a2\n\n"
+                      "Title: T3\nQuestion: q3\nAnswer:")
+
+
+def test_a_picked_article_heads_the_prompt_and_the_view_names_it(tiny):
+    title = "commission authority processing"
+    panel = panel_for(tiny, articles=ARTICLES, stored_titles=[title], max_new_tokens=2)
+    panel.article.value = title
+    ask(panel, "the data subject")  # the picked article wins over the question's words
+    assert panel.last_prompt == f"Title: {title}\nQuestion: the data subject\nAnswer:"
+    assert f"Article used: {title} (in the memory), picked by you." in status(panel) \
+        or f"Article used: {title} (in the memory), picked by you." in html.unescape(
+            panel.view.value)
+
+
+def test_without_a_pick_the_article_is_found_from_the_question(tiny):
+    panel = panel_for(tiny, articles=ARTICLES, max_new_tokens=2)
+    ask(panel, "what does the commission say about processing ?")
+    assert panel.last_prompt.startswith("Title: commission authority processing\n")
+    assert "found from the question" in html.unescape(panel.view.value)
+
+
+@pytest.mark.parametrize("question", ["Wie ist das Wetter heute?", "料理のレシピ",
+                                      "tell me a joke"])
+def test_a_question_naming_no_article_is_answered_without_a_title_and_says_so(
+        tiny, question):
+    panel = panel_for(tiny, articles=ARTICLES, max_new_tokens=2)
+    ask(panel, question)
+    assert panel.last_prompt == f"Question: {question}\nAnswer:"
+    assert "no article matched; answering without a title" in html.unescape(
+        panel.view.value)
+
+
+def test_an_unknown_title_in_the_box_is_named_and_the_question_decides(tiny):
+    panel = panel_for(tiny, articles=ARTICLES, max_new_tokens=2)
+    panel.article.value = "Article 999 of nothing"
+    ask(panel, "the commission and processing")
+    view = html.unescape(panel.view.value)
+    assert "No article is titled “Article 999 of nothing”" in view
+    assert panel.last_prompt.startswith("Title: commission authority processing\n")
+
+
+def test_a_picked_article_and_no_question_asks_the_articles_own_question(tiny):
+    title = "regulation article 1 : the data subject"
+    panel = panel_for(tiny, articles=ARTICLES, max_new_tokens=2)
+    panel.article.value = title
+    ask(panel, "")
+    assert panel.last_prompt == f"Title: {title}\nQuestion: {ARTICLES[title]}\nAnswer:"
+
+
+def test_no_article_and_no_question_says_to_type_or_pick(tiny):
+    panel = panel_for(tiny, articles=ARTICLES)
+    assert panel.send("  ") is None
+    assert "pick an article" in status(panel) and panel.history == []
+
+
+def test_a_very_long_question_with_a_title_is_refused_and_kept(tiny):
+    panel = panel_for(tiny, articles=ARTICLES, context_window=24, max_new_tokens=4)
+    question = "the commission " * 20
+    panel.input.value = question
+    assert panel.send() is None
+    assert "(with its title)" in status(panel) and "shorten it" in status(panel)
+    assert panel.history == [] and panel.input.value == question
+
+
+# --- answers a learner can compare ------------------------------------------------------
+
+def test_compare_is_on_when_asked_and_shows_both_answers_side_by_side(tiny, decoder, no_eos):
+    panel = panel_for(tiny, decoder=decoder, mode="memdec", alpha=0.5, temperature=0,
+                      max_new_tokens=4, compare=True)
+    assert panel.compare.value
+    ask(panel, "the data subject")
+    assert "memdec-compare" in panel.view.value
+    assert "α = 0 (base model):" in panel.view.value
+
+
+def test_the_tokens_the_memory_changed_are_marked(tiny, decoder, no_eos):
+    model, tok = tiny
+    panel = panel_for(tiny, decoder=decoder, mode="memdec", alpha=1.0, temperature=0,
+                      max_new_tokens=6)
+    ask(panel, "the data subject")
+    ids, flipped = tok(panel.last_prompt)["input_ids"], []
+    for step in panel.last_steps:
+        if step.token_id != base_greedy(model, ids) and step.text.strip():
+            flipped.append(html.escape(step.text, quote=False))
+        ids = ids + [step.token_id]
+    assert flipped, "the tiny decoder at α = 1 should change some token"
+    marks = re.findall(r"<mark class='memdec-changed'[^>]*>(.*?)</mark>", panel.view.value)
+    assert [m.strip() for m in marks] == [f.strip() for f in flipped]
+
+
+# --- the repetition knob: the same ban in every mode, in the α = 0 answer and in influence --
+
+def bigrams(ids):
+    return list(zip(ids, ids[1:]))
+
+
+def test_no_repeat_ngram_is_a_panel_control_that_reaches_generate(tiny, no_eos):
+    loose = panel_for(tiny, temperature=0, max_new_tokens=30)
+    ask(loose, "the data subject")
+    ids = [s.token_id for s in loose.last_steps]
+    assert len(set(bigrams(ids))) < len(bigrams(ids))  # greedy, the tiny model loops
+    tight = panel_for(tiny, temperature=0, max_new_tokens=30, no_repeat_ngram=2)
+    assert tight.no_repeat_ngram.value == 2
+    ask(tight, "the data subject")
+    ids = [s.token_id for s in tight.last_steps]
+    assert len(ids) == 30 and len(set(bigrams(ids))) == len(bigrams(ids))
+
+
+def test_with_the_ban_alpha_zero_flips_nothing_and_equals_the_base_answer(tiny, decoder,
+                                                                          no_eos):
+    panel = panel_for(tiny, decoder=decoder, mode="memdec", alpha=0.0, temperature=0,
+                      max_new_tokens=30, no_repeat_ngram=2, compare=True)
+    answer = ask(panel, "the data subject")
+    assert panel._turns[-1].base_answer.strip() == answer
+    assert panel.last_notes[0].startswith("Memory influence: 0 of 30 tokens")
+
+
+def test_a_no_repeat_ngram_out_of_range_keeps_the_old_value_and_says_why(tiny):
+    panel = panel_for(tiny)
+    panel.no_repeat_ngram.value = 99
+    assert panel.no_repeat_ngram.value == 0 and "no repeat n-gram must be between" in status(panel)
+
+
+# --- bad input from the issue: answered or explained, never an exception ---------------------
+
+@pytest.mark.parametrize("question, box, said", [
+    ("tell me a joke", "", "no article matched; answering without a title"),
+    ("the commission and processing", "Article 999 of nothing", "No article is titled"),
+    ("", "", "Type a question first, or pick an article"),
+    ("the commission " * 400, "", "shorten it or lower 'max new'"),
+    ("Что говорит регламент о данных?", "", "no article matched"),
+    ("データ保護規則は何を言っていますか", "", "no article matched"),
+    ("\x00\x1b[m<script>alert('x')</script>", "", "no article matched"),
+])
+def test_bad_input_is_answered_or_explained_never_raised(tiny, question, box, said):
+    panel = panel_for(tiny, articles=ARTICLES, max_new_tokens=2, context_window=256)
+    panel.article.value = box
+    panel.input.value = question
+    thread = panel.send()  # must not raise
+    if thread is not None:
+        assert panel.wait(WAIT)
+        assert status(panel).startswith("Done"), status(panel)
+        assert "<script>" not in panel.view.value  # shown as text, not run
+    shown = html.unescape(panel.view.value) + status(panel)
+    assert said in shown

@@ -459,3 +459,37 @@ def test_knn_mode_with_alpha_one_only_says_stored_next_tokens(tiny, store_index)
                           index=index, k=8, temperature=1.0, top_k=None,
                           max_new_tokens=6))
     assert all(s.token_id in stored and np.isfinite(s.logprob) for s in steps)
+
+
+# --- no_repeat_ngram: the repetition knob, the same in every mode ------------------------
+
+def ngrams(ids, n):
+    return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+
+
+def test_banned_tokens_are_those_that_would_complete_an_earlier_ngram():
+    from helpers.sampling import banned_tokens
+    assert banned_tokens([5, 6, 7, 5, 6], 3) == [7]        # 5 6 7 seen: 7 may not follow 5 6
+    assert banned_tokens([5, 6, 7, 5, 6, 8, 5, 6], 3) == [7, 8]
+    assert banned_tokens([5, 6, 7, 8], 3) == []           # 7 8 never seen before
+    assert banned_tokens([4, 4, 4], 1) == [4]             # n = 1: no token twice
+    assert banned_tokens([5, 6, 5, 6], 0) == []           # 0 = off
+
+
+@pytest.mark.parametrize("mode", ["base", "memdec", "knn"])
+def test_no_repeat_ngram_keeps_every_ngram_of_a_greedy_answer_unique(tiny, store_index,
+                                                                      decoder, mode):
+    model, tok = tiny
+    store, index = store_index
+    kw = dict(mode=mode, decoder=decoder, store=store, index=index, k=4, alpha=0.5,
+              temperature=0, max_new_tokens=40)
+    loose = tokens(gen(model, tok, **kw))
+    assert len(set(ngrams(loose, 2))) < len(ngrams(loose, 2))  # the tiny model loops
+    tight = tokens(gen(model, tok, no_repeat_ngram=2, **kw))
+    assert len(tight) > 10 and len(set(ngrams(tight, 2))) == len(ngrams(tight, 2))
+
+
+@pytest.mark.parametrize("n", [-1, 2.5, "3", None])
+def test_no_repeat_ngram_refuses_what_is_not_a_whole_number_from_zero(tiny, n):
+    with pytest.raises((ValueError, TypeError), match="no_repeat_ngram"):
+        gen(*tiny, no_repeat_ngram=n)
