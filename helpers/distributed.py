@@ -307,3 +307,107 @@ def build_datastore_sharded(model, tokenizer, texts, path, *, rank: int = 0, wor
     if state is not None:
         state.wait_for_everyone()
     return Datastore.open(path)
+
+
+def train_decoder_data_parallel(decoder, store, targets, accelerator=None, *, epochs: int = 10,
+                                lr: float = 1e-3, batch_size: int = 256, beta: float = 0.5,
+                                weight_decay: float = 0.01, warmup_frac: float = 0.05,
+                                seed: int = 0, max_steps: int | None = None,
+                                progress: bool = True) -> dict:
+    """``train_decoder``'s loop, data parallel over an ``accelerate.Accelerator``'s processes.
+
+    ``batch_size`` is the *global* batch: every process draws the same seeded
+    order (as ``train_decoder`` does), takes its slice of each batch, and the
+    gradients are averaged with each slice weighted by its share of the batch,
+    so a step is the one-process step on the whole batch.  With ``dropout=0``
+    the weights equal a one-process run's up to float rounding (the test
+    checks it); with dropout each process draws its own masks, equal only in
+    distribution.  No ``eval_fn``/early stopping: evaluate the saved decoder
+    afterwards.  Returns the history (losses are means over the global batch).
+    """
+    import math
+
+    import torch
+
+    from .train_decoder import _lr_lambda, memdec_loss, window_batch
+    from .validate import check_float
+
+    if accelerator is None:
+        from accelerate import Accelerator
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    epochs = check_int("epochs", epochs, 1, example=10)
+    batch_size = check_int("batch_size", batch_size, 1, example=256)
+    seed = check_int("seed", seed, 0, example=0)
+    lr = check_float("lr", lr, example=1e-3)
+    beta = check_float("beta", beta, 0.0, 1.0, example=0.5)
+    if max_steps is not None:
+        max_steps = check_int("max_steps", max_steps, 1, example=100)
+    n, W = len(store), decoder.config.window
+    if len(targets) != n or decoder.config.key_dim != store.dim:
+        raise ValueError(f"store ({n} rows of dim {store.dim}), targets ({len(targets)} rows) "
+                         f"and decoder (key_dim {decoder.config.key_dim}) do not fit; "
+                         "recompute the targets and build the decoder from this store.")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps,
+                                                                    epochs * steps_per_epoch)
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    try:
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    warmup = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
+    # DDP starts every process from rank 0's weights; the scheduler is left out of
+    # prepare(), which would step it once per process
+    model, optimizer = accelerator.prepare(decoder, optimizer)
+    inner = accelerator.unwrap_model(model)
+    device = accelerator.device
+    history = {"loss": [], "kl": [], "ce": [], "lr": [], "steps_per_epoch": steps_per_epoch,
+               "processes": world, "global_batch": batch_size, "stopped": None}
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc="training", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    torch.manual_seed(seed + rank)  # dropout masks: one stream per process
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(n, generator=generator).numpy()
+        for i in range(0, n, batch_size):
+            if step >= total:
+                break
+            rows = np.sort(order[i:i + batch_size])
+            mine = np.array_split(rows, world)[rank]
+            share = len(mine) * world / len(rows)  # DDP averages: weight by share of the batch
+            if len(mine):
+                x, pad = window_batch(store.keys, store.doc, mine, W)
+                logits = model(x.to(device), pad.to(device))
+                loss, kl, ce = memdec_loss(logits, targets.ids[mine], targets.probs[mine],
+                                           store.values[mine], inner, beta)
+            else:  # more processes than rows: take part in the gradient average with zeros
+                loss = kl = ce = sum(p.sum() for p in model.parameters()) * 0.0
+            terms = torch.stack([loss.detach(), kl.detach(), ce.detach()]).float()
+            terms = accelerator.reduce(terms * len(mine), "sum") / len(rows)  # global means
+            if not torch.isfinite(terms[0]):
+                history["stopped"] = (f"loss became {terms[0].item()} at step {step}; lower "
+                                      "the learning rate or check the keys for NaN/inf.")
+                break
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss * share)
+            accelerator.clip_grad_norm_(params, 1.0)
+            history["lr"].append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            for name, term in zip(("loss", "kl", "ce"), terms.tolist()):
+                history[name].append(term)
+            bar.update()
+        if history["stopped"] or step >= total:
+            break
+    bar.close()
+    inner.eval()
+    accelerator.wait_for_everyone()
+    return history

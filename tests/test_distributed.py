@@ -221,3 +221,90 @@ def test_two_gloo_processes_build_the_one_process_store(tiny_folder, tmp_path):
     assert merged.manifest["built_in_parts"] == 2
     assert_same_store(merged, ref)
     assert not lock_path(tmp_path / "store").exists()
+
+
+# --- data-parallel decoder training ---------------------------------------------------------
+
+DEC = dict(dim=32, n_layers=2, n_heads=4, window=2, dropout=0.0)
+TRAIN = dict(epochs=2, lr=3e-3, batch_size=49, beta=0.5, seed=0)  # 49 rows: 25 + 24
+
+
+def small_store(folder, n=240, dim=16, n_docs=6, seed=0):
+    """A store whose keys cluster by next token (written as build_datastore writes one)."""
+    from helpers.datastore import Datastore
+
+    rng = np.random.default_rng(seed)
+    values = rng.choice([3, 5, 8, 13, 21], n)
+    keys = (3.0 * rng.standard_normal((22, dim))[values]
+            + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
+    folder.mkdir(parents=True)
+    arrays = {"keys": keys, "values": values.astype(np.int64),
+              "doc": np.repeat(np.arange(n_docs, dtype=np.int32), n // n_docs),
+              "pos": np.tile(np.arange(n // n_docs, dtype=np.int32), n_docs)}
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", array)
+    (folder / "manifest.json").write_text(json.dumps({
+        "count": n, "dim": dim, "key_dtype": "float32", "model_name": "tiny-gemma",
+        "layer": -1, "tokenizer_fingerprint": "0123abcd", "corpus_fingerprint": "c0ffee"}))
+    return Datastore.open(folder)
+
+
+def one_process_run(store, data_parallel: bool):
+    from helpers.decoder import DecoderConfig, MemoryDecoder
+    from helpers.distributed import train_decoder_data_parallel
+    from helpers.index import load_or_build_index
+    from helpers.train_decoder import precompute_knn_targets, train_decoder
+
+    targets = precompute_knn_targets(store, load_or_build_index(store, use_gpu=False), k=8,
+                                     temperature=10.0)
+    torch.manual_seed(0)
+    decoder = MemoryDecoder(DecoderConfig.from_store(store, 40, **DEC))
+    if data_parallel:
+        from accelerate import Accelerator
+        history = train_decoder_data_parallel(decoder, store, targets, Accelerator(cpu=True),
+                                              progress=False, **TRAIN)
+    else:
+        history = train_decoder(decoder, store, targets, progress=False, **TRAIN)
+    return decoder, history
+
+
+def test_data_parallel_loop_on_one_process_is_train_decoder(tmp_path):
+    store = small_store(tmp_path / "store")
+    dp, h_dp = one_process_run(store, True)
+    ref, h_ref = one_process_run(store, False)
+    assert len(h_dp["loss"]) == len(h_ref["loss"]) == 2 * 5
+    np.testing.assert_allclose(h_dp["loss"], h_ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(h_dp["lr"], h_ref["lr"], rtol=1e-7)
+    for (name, a), b in zip(dp.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_gloo_processes_train_the_one_process_decoder(tmp_path):
+    from safetensors.torch import load_file
+
+    store = small_store(tmp_path / "store")
+    ref, h_ref = one_process_run(store, True)
+    accelerate_launch(2, "scripts/train_decoder.py", "--store", str(store.path), "--out",
+                      str(tmp_path / "dec"), "--base-vocab-size", "40", "--k", "8",
+                      "--temperature", "10", "--dim", "32", "--layers", "2", "--heads", "4",
+                      "--window", "2", "--dropout", "0", "--epochs", "2", "--lr", "3e-3",
+                      "--batch-size", "49", "--seed", "0")
+    run = json.loads((tmp_path / "dec" / "run.json").read_text())
+    assert run["processes"] == 2 and run["history"]["global_batch"] == 49
+    np.testing.assert_allclose(run["history"]["loss"], h_ref["loss"], rtol=1e-4)
+    got = load_file(tmp_path / "dec" / "model.safetensors")
+    for name, want in ref.state_dict().items():
+        have = got[name]
+        if name.endswith("in_proj_bias"):
+            # the key bias (middle third) cannot change any attention weight: its true
+            # gradient is 0, and Adam scales the rounding noise left in its place up to
+            # steps of size ~lr. Bounded, but not 1e-5: checked apart.
+            d = DEC["dim"]
+            torch.testing.assert_close(have[d:2 * d], want[d:2 * d], rtol=0, atol=1e-3)
+            have, want = torch.cat([have[:d], have[2 * d:]]), torch.cat([want[:d], want[2 * d:]])
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=3e-5, msg=name)
+    torch.manual_seed(0)  # and training did move the weights away from the start
+    from helpers.decoder import DecoderConfig, MemoryDecoder
+    start = MemoryDecoder(DecoderConfig.from_store(store, 40, **DEC)).state_dict()
+    moved = max(float((got[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3
