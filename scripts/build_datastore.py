@@ -42,6 +42,7 @@ def parse_args(argv=None):
                                     "line) to use instead of --corpus")
     ap.add_argument("--size", default="quick", choices=("smoke", "quick", "full"),
                     help="which training articles, as notebooks 02-05 pick them")
+    ap.add_argument("--limit", type=int, help="only the first N documents (a trial run)")
     ap.add_argument("--out", help="store folder (default: where notebook 02 looks for it)")
     ap.add_argument("--layer", type=int, default=-1)
     ap.add_argument("--window", type=int, default=256)
@@ -97,6 +98,8 @@ def main(argv=None) -> None:
     model, tokenizer = load_base_model(args.model, device=str(device),
                                        dtype=torch.float32 if device.type == "cpu" else None)
     texts, corpus_name = load_texts(args)
+    if args.limit:
+        texts = texts[:args.limit]
     model_name = args.model_name or args.model
     tag = "" if args.texts else SIZES[args.size].tag
     out = Path(args.out) if args.out else default_store_path(model_name, corpus_name,
