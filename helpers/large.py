@@ -251,3 +251,60 @@ def refine(store: Datastore, queries: np.ndarray, candidates: np.ndarray,
         out_d[s:s + 64] = np.take_along_axis(d, order, 1)
         out_i[s:s + 64] = np.take_along_axis(cand, order, 1)
     return out_d, out_i
+
+
+def _npy_writer(path: Path, shape: tuple, dtype):
+    """An open ``.npy`` file with its header written; append the rows in order."""
+    f = open(path, "wb")
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(
+        np.dtype(dtype)), "fortran_order": False, "shape": shape})
+    return f
+
+
+def knn_targets_chunked(store: Datastore, index, k: int = 256, temperature: float = 500.0,
+                        batch_size: int = 4096, progress: bool = False):
+    """``precompute_knn_targets`` with bounded memory: keys read a batch at a time, targets
+    appended to their files (no memory map of the output), the same folder and metadata.
+
+    So ``precompute_knn_targets(store, index, k, temperature)`` and notebook 03
+    reuse what this writes.  Resident memory: one batch of keys and results,
+    plus the store's ``values`` (8 bytes a row) for the neighbours' tokens.
+    """
+    from .index import index_signature
+    from .knn import knn_distribution, search
+    from .paths import atomic_dir
+    from .train_decoder import TARGET_FILES, _open_targets
+    from .validate import check_float
+
+    k = check_int("k", k, 1, example=256)
+    temperature = check_float("temperature", temperature, example=500.0)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}. Pass e.g. 500.0.")
+    batch_size = check_int("batch_size", batch_size, 1, example=4096)
+    if index.ntotal != len(store):
+        raise ValueError(f"the index holds {index.ntotal} keys but the store {len(store)}; "
+                         "rebuild it for this store (build_ondisk_index).")
+    folder = store.path / f"targets_k{k}_t{temperature:g}"
+    m = store.manifest
+    meta = {"k": k, "temperature": float(temperature), "count": len(store),
+            "corpus_fingerprint": m.get("corpus_fingerprint"),
+            "model_name": m.get("model_name"), "layer": m.get("layer"),
+            "store_fingerprint": store.fingerprint, **index_signature(index)}
+    values = np.load(store.path / "values.npy")  # (N,) int64, in RAM: 8 B a row
+    chunks = key_chunks(store, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, total=-(-len(store) // batch_size), desc="kNN targets",
+                      unit="batch")
+    with atomic_dir(folder, TARGET_FILES, "a kNN-targets") as tmp:
+        with _npy_writer(tmp / "ids.npy", (len(store), k), np.int32) as f_ids, \
+                _npy_writer(tmp / "probs.npy", (len(store), k), np.float16) as f_probs:
+            for i, keys in chunks:
+                distances, neighbours = search(index, keys, k,
+                                               exclude=np.arange(i, i + len(keys)))
+                nv = np.where(neighbours >= 0, values[np.maximum(neighbours, 0)], -1)
+                ids, probs = knn_distribution(distances, nv, temperature)
+                f_ids.write(np.ascontiguousarray(ids, np.int32).tobytes())
+                f_probs.write(np.ascontiguousarray(probs, np.float16).tobytes())
+        (tmp / "targets.json").write_text(json.dumps(meta, indent=2))
+    return _open_targets(folder, meta)

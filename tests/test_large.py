@@ -127,3 +127,23 @@ def test_a_factory_without_lists_is_refused(built):
     store, _ = built
     with pytest.raises(ValueError, match="must start with 'IVF'"):
         build_ondisk_index(store, "Flat")
+
+
+def test_chunked_targets_equal_precompute_knn_targets_and_are_reused(tmp_path):
+    from helpers.large import knn_targets_chunked
+    from helpers.train_decoder import precompute_knn_targets
+
+    store = float16_store(tmp_path / "store", n=3000)
+    np.save(store.path / "values.npy", np.random.default_rng(0).integers(0, 50, len(store)))
+    store = Datastore.open(store.path)
+    build_ondisk_index(store, FACTORY, train_size=3000, chunk_rows=1000)
+    twin = Datastore.open(shutil.copytree(store.path, tmp_path / "twin"))
+    index = load_ondisk_index(store, FACTORY, nprobe=4)
+    got = knn_targets_chunked(store, index, k=8, temperature=10.0, batch_size=700)
+    want = precompute_knn_targets(twin, index, k=8, temperature=10.0, batch_size=4096)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.probs, want.probs)
+    assert (got.ids[:, 0] >= 0).all() and got.probs.dtype == np.float16
+    stamp = (got.path / "ids.npy").stat().st_mtime_ns
+    again = precompute_knn_targets(store, index, k=8, temperature=10.0)  # notebook 03's call
+    assert again.path == got.path and (got.path / "ids.npy").stat().st_mtime_ns == stamp
