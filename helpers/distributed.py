@@ -329,7 +329,7 @@ def train_decoder_data_parallel(decoder, store, targets, accelerator=None, *, ep
 
     import torch
 
-    from .train_decoder import _lr_lambda, memdec_loss, window_batch
+    from .train_decoder import memdec_loss, optimizer_and_schedule, window_batch
     from .validate import check_float
 
     if accelerator is None:
@@ -352,14 +352,7 @@ def train_decoder_data_parallel(decoder, store, targets, accelerator=None, *, ep
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps,
                                                                     epochs * steps_per_epoch)
     params = [p for p in decoder.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    try:
-        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, ValueError):
-        optimizer = torch.optim.AdamW(groups, lr=lr)
-    warmup = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
+    optimizer, scheduler = optimizer_and_schedule(params, lr, weight_decay, warmup_frac, total)
     # DDP starts every process from rank 0's weights; the scheduler is left out of
     # prepare(), which would step it once per process
     model, optimizer = accelerator.prepare(decoder, optimizer)

@@ -32,7 +32,12 @@ _GPU_RESOURCES = None  # one StandardGpuResources, created on first GPU use
 
 
 def _to_gpu(index, use_gpu):
-    """Move ``index`` to GPU 0 when faiss sees a GPU (``use_gpu="auto"``)."""
+    """Move ``index`` to the GPU when faiss sees one (``use_gpu="auto"``).
+
+    With several GPUs the index is split over all of them (``index_cpu_to_all_gpus``
+    with ``shard=True``: each holds 1/n of the keys, a search asks every shard and
+    merges), so a store too big for one GPU's memory still searches on GPUs.
+    """
     faiss = import_faiss()
     has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if use_gpu is True and not has_gpu:
@@ -45,6 +50,10 @@ def _to_gpu(index, use_gpu):
     if _GPU_RESOURCES is None:
         _GPU_RESOURCES = faiss.StandardGpuResources()
     try:
+        if faiss.get_num_gpus() > 1:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = True
+            return faiss.index_cpu_to_all_gpus(index, co=options)
         return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
     except RuntimeError as err:  # e.g. HNSW, or a PQ size the GPU code lacks
         if use_gpu is True:
@@ -54,15 +63,24 @@ def _to_gpu(index, use_gpu):
         return index
 
 
+def _gpu_part(index):
+    """The first GPU index of ``index`` (itself, or a shard of one split over GPUs), or None."""
+    if type(index).__name__ in ("IndexShards", "IndexReplicas"):
+        if index.count() == 0:
+            return None
+        index = import_faiss().downcast_index(index.at(0))
+    return index if type(index).__name__.startswith("Gpu") else None
+
+
 def _on_gpu(index) -> bool:
-    return type(index).__name__.startswith("Gpu")
+    return _gpu_part(index) is not None
 
 
 def set_nprobe(index, nprobe: int) -> None:
     """How many IVF cells a search visits (more: slower, more exact)."""
     faiss = import_faiss()
-    if _on_gpu(index):
-        if "IVF" in type(index).__name__:
+    if _on_gpu(index):  # GpuParameterSpace also reaches into every shard
+        if "IVF" in type(_gpu_part(index)).__name__:
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
     elif (ivf := faiss.try_extract_index_ivf(index)) is not None:
         ivf.nprobe = nprobe
@@ -117,7 +135,7 @@ def _check_factory(factory, nprobe) -> None:
 def index_signature(index) -> dict:
     """What changes an index's answers: its structure and ``nprobe`` (IVF only)."""
     faiss = import_faiss()
-    nprobe = getattr(index, "nprobe", None)  # GPU IVF indexes carry it themselves
+    nprobe = getattr(_gpu_part(index) or index, "nprobe", None)  # GPU IVF indexes carry it
     if nprobe is None and not _on_gpu(index):
         ivf = faiss.try_extract_index_ivf(index)
         nprobe = None if ivf is None else ivf.nprobe

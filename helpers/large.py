@@ -270,10 +270,9 @@ def knn_targets_chunked(store: Datastore, index, k: int = 256, temperature: floa
     reuse what this writes.  Resident memory: one batch of keys and results,
     plus the store's ``values`` (8 bytes a row) for the neighbours' tokens.
     """
-    from .index import index_signature
     from .knn import knn_distribution, search
     from .paths import atomic_dir
-    from .train_decoder import TARGET_FILES, _open_targets
+    from .train_decoder import TARGET_FILES, _open_targets, targets_folder_and_meta
     from .validate import check_float
 
     k = check_int("k", k, 1, example=256)
@@ -284,12 +283,7 @@ def knn_targets_chunked(store: Datastore, index, k: int = 256, temperature: floa
     if index.ntotal != len(store):
         raise ValueError(f"the index holds {index.ntotal} keys but the store {len(store)}; "
                          "rebuild it for this store (build_ondisk_index).")
-    folder = store.path / f"targets_k{k}_t{temperature:g}"
-    m = store.manifest
-    meta = {"k": k, "temperature": float(temperature), "count": len(store),
-            "corpus_fingerprint": m.get("corpus_fingerprint"),
-            "model_name": m.get("model_name"), "layer": m.get("layer"),
-            "store_fingerprint": store.fingerprint, **index_signature(index)}
+    folder, meta = targets_folder_and_meta(store, index, k, temperature)
     values = np.load(store.path / "values.npy")  # (N,) int64, in RAM: 8 B a row
     chunks = key_chunks(store, batch_size)
     if progress:

@@ -57,6 +57,18 @@ def _open_targets(folder: Path, meta: dict, advice: str = "") -> KnnTargets:
     return KnnTargets(ids, probs, meta["k"], meta["temperature"], folder)
 
 
+def targets_folder_and_meta(store, index, k: int, temperature: float) -> tuple[Path, dict]:
+    """Where the kNN targets of ``store`` live, and what they were computed with: a
+    cache is reused only while its ``targets.json`` equals this ``meta``."""
+    from .index import index_signature  # lazily: it loads faiss
+    m = store.manifest
+    meta = {"k": k, "temperature": float(temperature), "count": len(store),
+            "corpus_fingerprint": m.get("corpus_fingerprint"),
+            "model_name": m.get("model_name"), "layer": m.get("layer"),
+            "store_fingerprint": store.fingerprint, **index_signature(index)}
+    return store.path / f"targets_k{k}_t{temperature:g}", meta
+
+
 def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.0,
                            batch_size: int = 4096, progress: bool = False) -> KnnTargets:
     """``p_kNN`` of every stored key from its ``k`` neighbours (itself excluded).
@@ -66,20 +78,13 @@ def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.
     from an approximate search are not those of an exact one).  A damaged
     cache is computed again.
     """
-    from .index import index_signature
-
     k = check_int("k", k, 1, example=256)
     temperature = check_float("temperature", temperature, example=500.0)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}. Pass e.g. "
                          "temperature=500.0.")
     batch_size = check_int("batch_size", batch_size, 1, example=4096)
-    folder = store.path / f"targets_k{k}_t{temperature:g}"
-    m = store.manifest
-    meta = {"k": k, "temperature": float(temperature), "count": len(store),
-            "corpus_fingerprint": m.get("corpus_fingerprint"),
-            "model_name": m.get("model_name"), "layer": m.get("layer"),
-            "store_fingerprint": store.fingerprint, **index_signature(index)}
+    folder, meta = targets_folder_and_meta(store, index, k, temperature)
     if (folder / "targets.json").is_file():
         try:
             if read_json(folder / "targets.json", "computing the targets again.") == meta:
@@ -166,6 +171,20 @@ def _lr_lambda(total: int, warmup: int):
     return factor
 
 
+def optimizer_and_schedule(params, lr: float, weight_decay: float, warmup_frac: float,
+                           total: int):
+    """AdamW (no weight decay on biases and norms) and its warm-up + cosine schedule
+    over ``total`` steps: the decoder's optimiser, on one process or several."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    try:  # the fused kernel updates all ~80 tensors in one pass (CPU: ~20 -> ~9 ms a step)
+        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # this torch has no fused AdamW for the device
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    warmup = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
+
+
 def _snapshot(decoder) -> dict:
     return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
 
@@ -220,14 +239,7 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps,
                                                                     epochs * steps_per_epoch)
     params = [p for p in decoder.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    try:  # the fused kernel updates all ~80 tensors in one pass (CPU: ~20 -> ~9 ms a step)
-        optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, ValueError):  # this torch has no fused AdamW for the device
-        optimizer = torch.optim.AdamW(groups, lr=lr)
-    warmup = max(1, round(warmup_frac * total)) if warmup_frac > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup))
+    optimizer, scheduler = optimizer_and_schedule(params, lr, weight_decay, warmup_frac, total)
     history = {"loss": [], "kl": [], "ce": [], "lr": [], "eval": [], "best_epoch": None,
                "best_eval": None, "steps_per_epoch": steps_per_epoch, "stopped": None}
     best_state, best, waited, step = _snapshot(decoder), math.inf, 0, 0

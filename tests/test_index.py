@@ -154,3 +154,40 @@ def test_a_flipped_byte_in_the_index_is_caught_by_its_checksum(tmp_path):
     file.write_bytes(bytes(data))
     with pytest.raises(IndexCorrupt, match="sha256 differs"):
         load_index(store)
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_the_index_goes_to_one_gpu_or_is_split_over_all(monkeypatch, gpus):
+    """faiss-cpu has no GPU code, so this stands in for faiss-gpu: with one GPU the
+    index is copied to GPU 0; with several it is sharded over all of them."""
+    import types
+
+    import helpers.index as ix
+    from helpers.cpu import import_faiss
+    real, calls = import_faiss(), []
+
+    class Options:
+        shard = False
+
+    fake = types.SimpleNamespace(
+        StandardGpuResources=lambda: "resources", get_num_gpus=lambda: gpus,
+        GpuMultipleClonerOptions=Options,
+        index_cpu_to_gpu=lambda res, dev, index: calls.append(("one", res, dev)) or index,
+        index_cpu_to_all_gpus=lambda index, co: calls.append(("all", co.shard)) or index)
+    monkeypatch.setattr(ix, "import_faiss", lambda: fake)
+    monkeypatch.setattr(ix, "_GPU_RESOURCES", None)
+    flat = real.IndexFlatL2(4)
+    assert ix._to_gpu(flat, "auto") is flat
+    assert calls == ([("one", "resources", 0)] if gpus == 1 else [("all", True)])
+    assert ix._to_gpu(flat, False) is flat and len(calls) == 1  # use_gpu=False: untouched
+
+
+def test_an_index_split_over_cpu_shards_is_not_taken_for_a_gpu_one():
+    from helpers.cpu import import_faiss
+    from helpers.index import _on_gpu, index_signature
+    faiss = import_faiss()
+    shards = faiss.IndexShards(4)
+    part = faiss.IndexFlatL2(4)
+    shards.add_shard(part)
+    assert not _on_gpu(shards) and not _on_gpu(faiss.IndexShards(4))
+    assert index_signature(shards)["index"] == "IndexShards"
