@@ -28,6 +28,7 @@ from torch import nn
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from <malloc.h>
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # the ceiling of glibc's dynamic mmap threshold (64-bit)
 
 
 def _glibc():
@@ -51,9 +52,9 @@ def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 256) -> bool:
     time, varying from run to run.  This raises glibc's mmap threshold to ``mmap_mb`` (32 MB
     is its maximum) and lets up to ``trim_mb`` of free memory stay at the top
     of the heap.  The settings last for the rest of the process (glibc has no
-    way to read them back; :func:`freed_memory_kept` scopes them to a
-    block).  Returns False, changing nothing, where the C
-    library is not glibc (macOS, Windows, musl).
+    way to read them back); :func:`freed_memory_kept` keeps the 256 MB to a
+    block and leaves glibc's own steady state after it.  Returns False,
+    changing nothing, where the C library is not glibc (macOS, Windows, musl).
     """
     libc = _glibc()
     return libc is not None and (libc.mallopt(M_MMAP_THRESHOLD, mmap_mb << 20) == 1
@@ -61,21 +62,26 @@ def keep_freed_memory(mmap_mb: int = 32, trim_mb: int = 256) -> bool:
 
 
 def restore_malloc_defaults() -> bool:
-    """Undo :func:`keep_freed_memory`: glibc's starting thresholds, free memory returned.
+    """Undo :func:`keep_freed_memory`: hand the kept memory back, keep no more than glibc would.
 
-    Both thresholds go back to glibc's initial 128 KiB and ``malloc_trim``
-    hands the kept blocks back to the OS.  One difference to a fresh process
-    remains: once set, glibc no longer moves the mmap threshold by itself, so
-    every later block over 128 KiB is mmapped afresh (about 114,000 page faults
-    per two rounds of three Gemma-sized MLPs, against 0-19,000 in a fresh
-    process, measured for ``tests/test_fastpath.py``).  Returns False where the
-    C library is not glibc.
+    glibc cannot go back to its own dynamic mode once ``mallopt`` has set a
+    threshold, so this sets the state that mode reaches by itself in any process
+    that has freed a large block (every PyTorch workload here): blocks below
+    32 MB from the heap, up to twice that kept free at its top.  Then
+    ``malloc_trim`` returns the rest.  An earlier version set both thresholds
+    back to their starting 128 KiB instead; glibc then no longer raised them, so
+    every later block over 128 KiB was mapped afresh and faulted in page by page,
+    and ``W = 4`` decoder training after a key extraction in the same process
+    ran at 382-388 samples/s against 424-440 before it (one A/B run on 2 cores;
+    490-493 against 455-495 with this version).  ``tests/test_fastpath.py`` pins
+    both halves.  Returns
+    False where the C library is not glibc.
     """
     libc = _glibc()
     if libc is None:
         return False
-    ok = (libc.mallopt(M_MMAP_THRESHOLD, 128 << 10) == 1
-          and libc.mallopt(M_TRIM_THRESHOLD, 128 << 10) == 1)
+    ok = (libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX) == 1
+          and libc.mallopt(M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX) == 1)
     libc.malloc_trim(0)
     return ok
 
