@@ -105,7 +105,7 @@ def score_rows(model, decoder, keys, doc, values, alphas=(), rows=None, chunk: i
     since a decoder window reads the rows before each one.
     ``blend_perplexities`` turns the result into perplexities for any subset.
     """
-    from .gate import DEC_FLOOR, FEATURES, gate_features
+    from .gate import DEC_FLOOR, FEATURES, gate_features_and_normaliser
     from .sampling import LOG_FLOOR
     from .train_decoder import window_batch
 
@@ -135,26 +135,25 @@ def score_rows(model, decoder, keys, doc, values, alphas=(), rows=None, chunk: i
         x, pad = window_batch(keys, doc, r, decoder.config.window)
         dec = torch.log_softmax(decoder(x.to(dev), pad.to(dev)).float(), -1).to(z.device)
         y = torch.as_tensor(values[r], device=z.device)[:, None]           # (C, 1)
-        if sparse:                                                         # dec: (C, V_s)
-            vocab = decoder.vocab.to(z.device)
-            out["features"][part] = gate_features(z, dec, vocab=vocab).cpu().numpy()
+        vocab = decoder.vocab.to(z.device) if sparse else None             # dec: (C, V_s)
+        feats, z_max, lse_z = gate_features_and_normaliser(z, dec, vocab=vocab)  # (C, 1) each
+        out["features"][part] = feats.cpu().numpy()
+        if sparse:
             col = decoder.head_index(y[:, 0].to(dev)).to(z.device)[:, None]
             dec_y = torch.where(col >= 0, dec.gather(1, col.clamp(min=0)), DEC_FLOOR)[:, 0]
-            mem = None
-            if len(alphas):                                                # (C, V), floored
-                mem = z.new_full(z.shape, LOG_FLOOR)
-                mem[:, vocab] = dec.clamp(min=LOG_FLOOR)
         else:                                                              # dec: (C, V)
-            out["features"][part] = gate_features(z, dec).cpu().numpy()
             dec_y = dec.gather(1, y)[:, 0]
-            mem = dec.clamp(min=LOG_FLOOR)
-        z_y = z.gather(1, y)[:, 0]
-        lse_z = torch.logsumexp(z, -1)
+        z_y, lse_z = z.gather(1, y)[:, 0], lse_z[:, 0]
         out["p_base"][part] = (z_y - lse_z).exp().cpu().numpy()
         out["p_dec"][part] = dec_y.exp().cpu().numpy()
         if len(alphas):
-            _logit_blend_nll(out["logits_nll"][part], alphas, z, z_y, lse_z, mem,
-                             mem.gather(1, y)[:, 0])
+            mem_y = dec_y.clamp(min=LOG_FLOOR)
+            if sparse:
+                _logit_blend_nll_sparse(out["logits_nll"][part], alphas, z, z_max, z_y, lse_z,
+                                        dec.clamp(min=LOG_FLOOR), vocab, mem_y, LOG_FLOOR)
+            else:
+                _logit_blend_nll(out["logits_nll"][part], alphas, z, z_y, lse_z,
+                                 dec.clamp(min=LOG_FLOOR), mem_y)
     decoder.train(was_training)
     return out
 
@@ -177,6 +176,36 @@ def _logit_blend_nll(dest: np.ndarray, alphas: np.ndarray, z, z_y, lse_z, mem, m
                 else torch.lerp(z, mem, float(a))
             shift = (1 - a) * z_max + a * mem_max                          # (C, 1)
             lse = buf.sub_(shift).exp_().sum(-1).log_() + shift[:, 0]
+        dest[:, j] = (lse - ((1 - a) * z_y + a * mem_y)).double().cpu().numpy()
+
+
+def _logit_blend_nll_sparse(dest: np.ndarray, alphas: np.ndarray, z, z_max, z_y, lse_z, mem,
+                            vocab, mem_y, floor: float):
+    """``_logit_blend_nll`` for a decoder whose head covers only ``vocab`` ``(V_s,)``.
+
+    Outside ``vocab`` the memory's log-probability is the constant ``floor``, so
+    the mixture there is ``(1-α)·z + α·floor`` and its part of the normaliser is
+    ``exp(α·floor) · Σ_outside exp((1-α)·z)``: one pass over the ``(C, V)``
+    logits per α (a scale, an ``exp``, a sum) instead of building the dense
+    ``(C, V)`` memory and blending it.  The ``V_s`` columns inside are added
+    from ``(C, V_s)`` tensors.  ``mem`` ``(C, V_s)`` is already floored; ``z``
+    is shifted in place (callers are done with it).
+    """
+    m_max = mem.max(-1, keepdim=True).values.clamp(min=floor)             # (C, 1) max of memory
+    z.sub_(z_max)                                                         # z - max z, <= 0
+    z_in = z[:, vocab]                                                    # (C, V_s)
+    mem_in = mem - m_max                                                  # <= 0
+    buf = None
+    for j, a in enumerate(alphas):
+        if a == 0:
+            lse = lse_z
+        else:
+            c = 1.0 - a
+            buf = torch.mul(z, c, out=buf) if buf is not None else z * c
+            outside = buf.exp_().index_fill_(1, vocab, 0.0).sum(-1)         # (C,)
+            inside = (c * z_in + a * mem_in).exp().sum(-1)                  # (C,)
+            total = outside * torch.exp(a * (floor - m_max[:, 0])) + inside
+            lse = total.log() + c * z_max[:, 0] + a * m_max[:, 0]
         dest[:, j] = (lse - ((1 - a) * z_y + a * mem_y)).double().cpu().numpy()
 
 

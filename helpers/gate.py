@@ -71,7 +71,7 @@ def decoder_fingerprint(decoder) -> str:
 
 @torch.inference_mode()
 def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor, names=FEATURES,
-                  vocab: torch.Tensor | None = None) -> torch.Tensor:
+                  vocab: torch.Tensor | None = None, _stats: dict | None = None) -> torch.Tensor:
     """The gate's inputs ``(N, F)`` from base logits ``(N, V)`` and decoder log-probs.
 
     ``dec_logp`` is ``(N, V)`` over the base vocabulary (a floor such as -30
@@ -91,6 +91,8 @@ def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor, names=FEATU
     e = (z - z_max).exp_()                                            # (N, V) unnormalised
     total = e.sum(-1, keepdim=True)                                   # (N, 1)
     lse = z_max + total.log()                                         # log normaliser
+    if _stats is not None:
+        _stats.update(max=z_max, lse=lse)
     ld = torch.log_softmax(dec_logp.float().to(z.device), dim=-1)     # (N, V) or (N, V_s)
     pd = ld.exp()
     top_d = ld.argmax(-1, keepdim=True)                               # (N, 1) column of ld
@@ -115,6 +117,18 @@ def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor, names=FEATU
         "overlap": lambda: torch.minimum(pb_cols(), pd).sum(-1),
     }
     return torch.stack([out[n]() for n in names], dim=1)              # (N, F)
+
+
+def gate_features_and_normaliser(base_logits, dec_logp, names=FEATURES, vocab=None):
+    """``gate_features(...)`` and the base side's ``max`` and ``logsumexp`` ``(N, 1)``.
+
+    The two statistics fall out of the features' pass over the base logits, so a
+    caller that needs them too (``helpers.evaluation.score_rows``) does not read
+    the ``(N, 262144)`` logits again for them.
+    """
+    stats = {}
+    feats = gate_features(base_logits, dec_logp, names, vocab, _stats=stats)
+    return feats, stats["max"], stats["lse"]
 
 
 @dataclass

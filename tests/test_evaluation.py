@@ -125,3 +125,34 @@ def test_one_scoring_pass_gives_the_curves_of_any_subset_and_the_gate_inputs(
                                blend_perplexities(scores, ev.test)["logits"], rtol=1e-5)
     with pytest.raises(ValueError, match="no scored rows"):
         blend_perplexities(by_index, ev.valid)
+
+
+def test_sparse_logit_blend_equals_the_dense_one_at_every_alpha():
+    """score_rows's shortcut for a store-headed decoder (the memory is the floor outside
+    its vocabulary, so that part of the normaliser is one scaled exp-sum of the base
+    logits) gives the dense mixture's -log p(y), also where the base logits are far
+    apart, the memory's top token is outside the base's top, or a row of the memory
+    sits at the floor."""
+    import torch
+
+    from helpers.evaluation import _logit_blend_nll, _logit_blend_nll_sparse
+
+    g = torch.Generator().manual_seed(0)
+    C, V, floor = 6, 500, -30.0
+    vocab = torch.tensor(sorted(torch.randperm(V, generator=g)[:40].tolist()))
+    z = 8 * torch.randn(C, V, generator=g)
+    z[0, 3] = 60.0                                                   # one dominant base logit
+    mem_in = torch.log_softmax(3 * torch.randn(C, len(vocab), generator=g), -1)
+    mem_in[1] = floor                                                # a memory at the floor
+    dense = torch.full((C, V), floor)
+    dense[:, vocab] = mem_in.clamp(min=floor)
+    y = torch.randint(0, V, (C, 1), generator=g)
+    y[2, 0] = vocab[5]                                               # a target inside vocab
+    alphas = np.array([0.0, 0.25, 0.6, 1.0])
+    z_y, mem_y, lse_z = z.gather(1, y)[:, 0], dense.gather(1, y)[:, 0], torch.logsumexp(z, -1)
+    want, got = np.zeros((C, 4)), np.zeros((C, 4))
+    _logit_blend_nll(want, alphas, z.clone(), z_y, lse_z, dense, mem_y)
+    _logit_blend_nll_sparse(got, alphas, z.clone(), z.max(-1, keepdim=True).values, z_y, lse_z,
+                            mem_in.clamp(min=floor), vocab, mem_y, floor)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert np.isfinite(got).all() and (got > 0).all()
