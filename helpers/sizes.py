@@ -5,7 +5,7 @@ the size are ``None`` there ("by size") and are filled in from one
 :class:`Size` right after the cell, so notebooks 02-05 always agree on the
 datastore, and an override such as ``--param NUM_EPOCHS=3`` still wins.
 
-* **quick** (default): one training article in four (91 of 364), the first 192
+* **quick** (default): one training article in five (73 of 364), the first 192
   tokens of each of the 40 held-out articles (and of 10 off-domain documents
   per source), and 3 epochs of the original's ``W = 1`` decoder at lr 3e-3.  Each notebook runs in
   a few minutes on 2 CPU cores and still shows its lesson in its own numbers.
@@ -86,10 +86,10 @@ SIZES = {
                   offdomain_docs=3, blend_points=6, epochs=1, window=4, lr=1e-3,
                   max_steps=40, ablation_epochs=1, layer_train_docs=8, layer_query_docs=4,
                   layer_max_tokens=64, throughput_docs=6, max_new_tokens=8, cost_rounds=1),
-    "quick": Size("quick", train_every=4, train_docs=None, eval_docs=None, eval_tokens=192,
+    "quick": Size("quick", train_every=5, train_docs=None, eval_docs=None, eval_tokens=192,
                   offdomain_docs=10, blend_points=6, epochs=3, window=1, lr=3e-3,
                   max_steps=None, ablation_epochs=0, layer_train_docs=30, layer_query_docs=10,
-                  layer_max_tokens=128, throughput_docs=16, max_new_tokens=24, cost_rounds=1),
+                  layer_max_tokens=128, throughput_docs=10, max_new_tokens=24, cost_rounds=1),
     "full": Size("full", train_every=1, train_docs=None, eval_docs=None, eval_tokens=None,
                  offdomain_docs=None, blend_points=11, epochs=12, window=4, lr=1e-3,
                  max_steps=None, ablation_epochs=1, layer_train_docs=60, layer_query_docs=20,
