@@ -89,7 +89,7 @@ SIZES = {
     "quick": Size("quick", train_every=5, train_docs=None, eval_docs=None, eval_tokens=192,
                   offdomain_docs=10, blend_points=6, epochs=3, window=1, lr=3e-3,
                   max_steps=None, ablation_epochs=0, layer_train_docs=30, layer_query_docs=10,
-                  layer_max_tokens=128, throughput_docs=10, max_new_tokens=24, cost_rounds=1),
+                  layer_max_tokens=128, throughput_docs=16, max_new_tokens=24, cost_rounds=1),
     "full": Size("full", train_every=1, train_docs=None, eval_docs=None, eval_tokens=None,
                  offdomain_docs=None, blend_points=11, epochs=12, window=4, lr=1e-3,
                  max_steps=None, ablation_epochs=1, layer_train_docs=60, layer_query_docs=20,
