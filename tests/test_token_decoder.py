@@ -50,6 +50,8 @@ def test_ids_outside_the_vocabulary_share_the_unknown_id_even_out_of_range():
     decoder = small_decoder()
     got = decoder.compact(torch.tensor([1, 3, 9, 4, 99, 100, 262144, -1, -7]))
     assert got.tolist() == [0, 1, 4, 5, 5, 5, 5, 5, 5]
+    edges = small_decoder(vocab_ids=(0, 3, 99))  # ids 0 and 99 known: -1, 100 still not
+    assert edges.compact(torch.tensor([0, 99, 100, -1])).tolist() == [0, 3, 4, 4]
     assert decoder.head_index(torch.tensor([3, 4, 100, -1])).tolist() == [1, -1, -1, -1]
     decoder(torch.tensor([[1, 100, -3, 262144]]))  # no index error
 
