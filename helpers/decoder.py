@@ -303,7 +303,12 @@ def _read_config(folder: Path) -> DecoderConfig:
                                 f"and model.safetensors). Train one in {NOTEBOOK} "
                                 "(train_decoder(..., checkpoint_dir=folder)) or call "
                                 "save_decoder(decoder, folder).")
-    raw = read_json(folder / "config.json", _advice(folder), ("key_dim", "base_vocab_size"))
+    raw = read_json(folder / "config.json", _advice(folder), ())
+    if raw.get("kind") == "token":
+        raise DecoderMismatch(f"{folder} holds a token-level Memory Decoder (it reads token "
+                              "ids, not hidden states): load it with helpers.token_decoder."
+                              "load_token_decoder(folder, tokenizer=...).")
+    read_json(folder / "config.json", _advice(folder), ("key_dim", "base_vocab_size"))
     known = {f.name for f in fields(DecoderConfig)}
     try:
         return DecoderConfig(**{k: v for k, v in raw.items() if k in known})

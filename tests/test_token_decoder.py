@@ -1,0 +1,197 @@
+"""The token-level Memory Decoder (helpers.token_decoder, helpers.train_token_decoder), issue 18."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.decoder import DecoderConfig, DecoderMismatch, MemoryDecoder, load_decoder, \
+    save_decoder
+from helpers.token_decoder import (TokenDecoderConfig, TokenMemoryDecoder,
+                                   load_token_decoder, save_token_decoder)
+from helpers.train_decoder import memdec_loss, precompute_knn_targets
+from helpers.train_token_decoder import (chunk_batch, chunk_plan, token_target_probs,
+                                         token_windows, train_token_decoder)
+from tests.conftest import STORE_TEXTS, make_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = {"dim": 32, "n_layers": 2, "n_heads": 4, "dropout": 0.0}
+
+
+def small_decoder(vocab_ids=(3, 5, 7, 9), base_vocab_size=100, context=16, seed=0, **knobs):
+    torch.manual_seed(seed)
+    return TokenMemoryDecoder(TokenDecoderConfig(
+        base_vocab_size=base_vocab_size, vocab_ids=list(vocab_ids), bos_id=1,
+        context=context, **{**SMALL, **knobs})).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_store(store_index):
+    """(store, targets, tokenizer): the conftest store of the tiny model, kNN targets, k=8."""
+    store, index = store_index
+    return store, precompute_knn_targets(store, index, k=8, temperature=10.0), make_tokenizer()
+
+
+def store_decoder(store, tok, seed=0, **knobs):
+    torch.manual_seed(seed)
+    return TokenMemoryDecoder.from_store(store, len(tok), tok.bos_token_id,
+                                         **{**SMALL, "context": 16, **knobs})
+
+
+def test_forward_gives_logits_over_the_compact_vocabulary_at_every_position():
+    decoder = small_decoder()
+    logits = decoder(torch.tensor([[1, 3, 5], [7, 9, 3]]))
+    assert logits.shape == (2, 3, 5)  # vocab 3, 5, 7, 9 plus the BOS 1; no unknown column
+
+
+def test_ids_outside_the_vocabulary_share_the_unknown_id_even_out_of_range():
+    decoder = small_decoder()
+    got = decoder.compact(torch.tensor([1, 3, 9, 4, 99, 100, 262144, -1, -7]))
+    assert got.tolist() == [0, 1, 4, 5, 5, 5, 5, 5, 5]
+    edges = small_decoder(vocab_ids=(0, 3, 99))  # ids 0 and 99 known: -1, 100 still not
+    assert edges.compact(torch.tensor([0, 99, 100, -1])).tolist() == [0, 3, 4, 4]
+    assert decoder.head_index(torch.tensor([3, 4, 100, -1])).tolist() == [1, -1, -1, -1]
+    decoder(torch.tensor([[1, 100, -3, 262144]]))  # no index error
+
+
+def test_a_later_token_never_changes_earlier_logits():
+    decoder = small_decoder()
+    a = decoder(torch.tensor([[1, 3, 5, 7, 9]]))
+    b = decoder(torch.tensor([[1, 3, 5, 9, 3]]))
+    torch.testing.assert_close(a[:, :3], b[:, :3])
+    assert not torch.allclose(a[:, 3:], b[:, 3:])
+
+
+def test_kv_cached_steps_equal_the_full_forward():
+    decoder = small_decoder()
+    ids = torch.tensor([[1, 3, 5, 7, 50, 9, 3, 5], [1, 9, 9, 7, 3, 3, 5, 1]])
+    full = decoder(ids)                                     # (2, 8, V)
+    logits, cache = decoder.step(ids[:, :3])                # the prompt at once
+    torch.testing.assert_close(logits, full[:, 2])
+    for t in range(3, 6):                                   # then one token at a time
+        logits, cache = decoder.step(ids[:, t:t + 1], cache)
+        torch.testing.assert_close(logits, full[:, t])
+    logits, cache = decoder.step(ids[:, 6:8], cache)        # several new tokens at once
+    torch.testing.assert_close(logits, full[:, 7])
+
+
+def test_reading_past_the_context_is_refused_with_advice():
+    decoder = small_decoder(context=4)
+    with pytest.raises(ValueError, match="at most 4 positions.*last 4 tokens"):
+        decoder(torch.ones(1, 5, dtype=torch.long))
+    _, cache = decoder.step(torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="at most 4"):
+        decoder.step(torch.ones(1, 1, dtype=torch.long), cache)
+
+
+def test_config_refuses_heads_that_do_not_divide_dim():
+    with pytest.raises(ValueError, match="not divisible.*pick n_heads"):
+        TokenDecoderConfig(base_vocab_size=10, vocab_ids=[1], dim=30, n_heads=4)
+
+
+def test_memdec_loss_trains_the_token_decoder_unchanged():
+    decoder = small_decoder()
+    logits = decoder(torch.tensor([[1, 3, 5]]))[0]          # (3, V): one row per position
+    ids = torch.tensor([[3, 5, -1], [7, -1, -1], [9, 3, 5]])
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    loss, kl, ce = memdec_loss(logits, ids, probs, torch.tensor([3, 7, 5]), decoder, 0.5)
+    logq = torch.log_softmax(logits, -1)
+    col = decoder.head_index(ids)
+    want_kl = sum(float(p * (np.log(p) - logq[i, col[i, j]].item()))
+                  for i in range(3) for j in range(3) if (p := float(probs[i, j])) > 0) / 3
+    assert kl.item() == pytest.approx(want_kl, rel=1e-5)
+    with pytest.raises(ValueError, match="not in the decoder's head vocabulary"):
+        memdec_loss(logits, ids, probs, torch.tensor([3, 7, 4]), decoder, 0.5)
+
+
+def test_token_windows_hold_each_rows_text_up_to_its_position(tiny_store):
+    store, _, tok = tiny_store
+    texts = [tok(t)["input_ids"] for t in STORE_TEXTS]
+    rows = np.arange(len(store))
+    ids, at = token_windows(store, rows, context=8, bos_id=tok.bos_token_id)
+    assert ids.shape == (len(store), 8)
+    for r in rows:
+        text, p = texts[store.doc[r]], int(store.pos[r])
+        want = text[max(0, p - 7):p + 1]                    # the last <= 8 tokens up to p
+        assert ids[r, :at[r] + 1].tolist() == want
+        assert (ids[r, at[r] + 1:] == -1).all()             # padding after the target
+        assert text[p + 1] == store.values[r]               # and row r predicts the next
+    assert texts[0][0] == tok.bos_token_id                  # why bos_id is position 0
+
+
+def test_chunks_cover_every_row_once_and_agree_with_token_windows(tiny_store):
+    store, _, tok = tiny_store
+    plan = chunk_plan(store, context=16, overlap=4)
+    ids, rows = chunk_batch(store, plan, 16, tok.bos_token_id)
+    assert np.array_equal(np.sort(rows[rows >= 0]), np.arange(len(store)))
+    b, t = np.argwhere(rows >= 0)[len(store) - 3]           # a target in a later chunk
+    r = rows[b, t]
+    window, at = token_windows(store, [r], 16, tok.bos_token_id)
+    assert ids[b, t] == window[0, at[0]]                    # same token read at that row
+    assert ids[b, :t + 1].tolist()[-4:] == window[0, :at[0] + 1].tolist()[-4:]
+
+
+def test_a_few_training_steps_lower_the_loss(tiny_store):
+    store, targets, tok = tiny_store
+    decoder = store_decoder(store, tok)
+    history = train_token_decoder(decoder, store, targets, epochs=12, batch_size=4, lr=3e-3,
+                                  overlap=4, progress=False)
+    loss = history["loss"]
+    assert history["stopped"] is None and not decoder.training
+    assert np.mean(loss[-3:]) < 0.7 * np.mean(loss[:3])
+
+
+def test_token_target_probs_read_the_true_token_of_every_row(tiny_store):
+    store, _, tok = tiny_store
+    decoder = store_decoder(store, tok).eval()
+    p = token_target_probs(decoder, store, overlap=4)
+    r = int(np.flatnonzero(store.doc == store.doc[-1])[10])  # pos 10: in the first chunk,
+    ids, at = token_windows(store, [r], 16, tok.bos_token_id)  # so the same tokens are read
+    logp = torch.log_softmax(decoder(ids)[0, at[0]], -1)
+    want = logp[decoder.head_index(int(store.values[r]))].exp().item()
+    assert p.shape == (len(store),) and np.isfinite(p).all()
+    assert p[r] == pytest.approx(want, rel=1e-4)
+
+
+def test_save_and_load_round_trip(tiny_store, tmp_path):
+    store, _, tok = tiny_store
+    decoder = store_decoder(store, tok, seed=3)
+    save_token_decoder(decoder, tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert config["kind"] == "token" and config["tokenizer_fingerprint"]
+    loaded = load_token_decoder(tmp_path / "tok", tokenizer=tok, store=store)
+    ids = torch.tensor([[tok.bos_token_id, 5, 6, 7]])
+    torch.testing.assert_close(loaded(ids), decoder.eval()(ids))
+
+
+def test_another_tokenizer_is_refused_naming_the_model_it_was_trained_for(tiny_store,
+                                                                          tmp_path):
+    store, _, tok = tiny_store
+    save_token_decoder(store_decoder(store, tok), tmp_path / "tok")
+    other = make_tokenizer()
+    other.add_tokens(["brandnew"])
+    with pytest.raises(DecoderMismatch, match="tokenizer of 'tiny-gemma'.*train a token"):
+        load_token_decoder(tmp_path / "tok", tokenizer=other)
+
+
+def test_a_hidden_state_checkpoint_is_refused_as_a_token_decoder(tmp_path):
+    hidden = MemoryDecoder(DecoderConfig(key_dim=8, base_vocab_size=20, dim=8, n_heads=2,
+                                         n_layers=1, vocab_ids=[1, 2]))
+    save_decoder(hidden, tmp_path / "hidden")
+    with pytest.raises(DecoderMismatch, match="hidden-state.*load_decoder"):
+        load_token_decoder(tmp_path / "hidden")
+    assert load_decoder(tmp_path / "hidden").config.key_dim == 8  # still fine as itself
+
+
+def test_a_token_checkpoint_is_refused_as_a_hidden_state_decoder(tmp_path):
+    save_token_decoder(small_decoder(), tmp_path / "tok")
+    with pytest.raises(DecoderMismatch, match="token-level.*load_token_decoder"):
+        load_decoder(tmp_path / "tok")
+
+
+def test_a_store_without_its_first_token_is_refused_with_advice(tiny_store):
+    store, targets, tok = tiny_store
+    with pytest.raises(ValueError, match="bos_id=tokenizer.bos_token_id"):
+        token_windows(store, [0], 8, bos_id=None)
