@@ -48,6 +48,14 @@ HEADS = ("store", "tied", "full")
 NOTEBOOK = "notebooks/03_train_memory_decoder.ipynb"
 
 
+def check_vocab_range(vocab_ids: list[int], base_vocab_size: int) -> None:
+    """Refuse sorted ``vocab_ids`` outside ``[0, base_vocab_size)`` (both decoders' heads)."""
+    if vocab_ids[0] < 0 or vocab_ids[-1] >= base_vocab_size:
+        raise ValueError(f"vocab_ids must lie in [0, {base_vocab_size}); got "
+                         f"{vocab_ids[0]}..{vocab_ids[-1]}. Check "
+                         "base_vocab_size (the base model's vocabulary size).")
+
+
 class DecoderMismatch(ValueError):
     """The checkpoint was trained for another base model, tokenizer or datastore."""
 
@@ -98,10 +106,7 @@ class DecoderConfig:
             if not self.vocab_ids:
                 raise ValueError("head='store' needs vocab_ids, the datastore's distinct "
                                  "next tokens: use DecoderConfig.from_store(store, ...).")
-            if self.vocab_ids[0] < 0 or self.vocab_ids[-1] >= self.base_vocab_size:
-                raise ValueError(f"vocab_ids must lie in [0, {self.base_vocab_size}); got "
-                                 f"{self.vocab_ids[0]}..{self.vocab_ids[-1]}. Check "
-                                 "base_vocab_size (the base model's vocabulary size).")
+            check_vocab_range(self.vocab_ids, self.base_vocab_size)
 
     @classmethod
     def from_store(cls, store, base_vocab_size: int, **knobs) -> "DecoderConfig":

@@ -329,19 +329,16 @@ def train_decoder_data_parallel(decoder, store, targets, accelerator=None, *, ep
 
     import torch
 
-    from .train_decoder import memdec_loss, optimizer_and_schedule, window_batch
-    from .validate import check_float
+    from .train_decoder import (check_training_args, memdec_loss, optimizer_and_schedule,
+                                window_batch)
 
     if accelerator is None:
         from accelerate import Accelerator
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    epochs = check_int("epochs", epochs, 1, example=10)
-    batch_size = check_int("batch_size", batch_size, 1, example=256)
-    seed = check_int("seed", seed, 0, example=0)
-    lr = check_float("lr", lr, example=1e-3)
-    beta = check_float("beta", beta, 0.0, 1.0, example=0.5)
-    if max_steps is not None:
-        max_steps = check_int("max_steps", max_steps, 1, example=100)
+    epochs, batch_size, seed, lr, beta, weight_decay, warmup_frac, max_steps = \
+        check_training_args(epochs=epochs, batch_size=batch_size, seed=seed, lr=lr, beta=beta,
+                            weight_decay=weight_decay, warmup_frac=warmup_frac,
+                            max_steps=max_steps)
     n, W = len(store), decoder.config.window
     if len(targets) != n or decoder.config.key_dim != store.dim:
         raise ValueError(f"store ({n} rows of dim {store.dim}), targets ({len(targets)} rows) "

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import DecoderMismatch
+from .decoder import DecoderMismatch, check_vocab_range
 from .model import resolve_device, tokenizer_fingerprint
 from .paths import CorruptFile, load_weights, read_json, save_checkpoint
 from .validate import ArgumentTypeError, check_float, check_int
@@ -90,10 +90,7 @@ class TokenDecoderConfig:
         if not self.vocab_ids:
             raise ValueError("vocab_ids is empty: build the config from a datastore with "
                              "TokenDecoderConfig.from_store(store, vocab_size, bos_id=...).")
-        if self.vocab_ids[0] < 0 or self.vocab_ids[-1] >= self.base_vocab_size:
-            raise ValueError(f"vocab_ids must lie in [0, {self.base_vocab_size}); got "
-                             f"{self.vocab_ids[0]}..{self.vocab_ids[-1]}. Check "
-                             "base_vocab_size (the base model's vocabulary size).")
+        check_vocab_range(self.vocab_ids, self.base_vocab_size)
 
     @classmethod
     def from_store(cls, store, base_vocab_size: int, bos_id: int | None,

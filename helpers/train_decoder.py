@@ -189,6 +189,43 @@ def _snapshot(decoder) -> dict:
     return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
 
 
+def check_training_args(*, epochs, batch_size, seed, lr, beta, weight_decay, warmup_frac,
+                        max_steps=None, eval_fn=None, example_epochs: int = 10,
+                        example_batch: int = 256) -> tuple:
+    """The argument checks every decoder training loop shares (one process, data
+    parallel, token-level); returns ``(epochs, batch_size, seed, lr, beta,
+    weight_decay, warmup_frac, max_steps)`` checked and normalised."""
+    epochs = check_int("epochs", epochs, 1, example=example_epochs)
+    batch_size = check_int("batch_size", batch_size, 1, example=example_batch)
+    seed = check_int("seed", seed, 0, example=0)
+    lr = check_float("lr", lr, example=1e-3)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0; got {lr}. Pass e.g. lr=1e-3.")
+    beta = check_float("beta", beta, 0.0, 1.0, example=0.5)
+    weight_decay = check_float("weight_decay", weight_decay, 0.0, example=0.01)
+    warmup_frac = check_float("warmup_frac", warmup_frac, 0.0, 1.0, example=0.05)
+    if max_steps is not None:
+        max_steps = check_int("max_steps", max_steps, 1, example=100)
+    if eval_fn is not None and not callable(eval_fn):
+        raise ArgumentTypeError(f"eval_fn must be a function of the decoder returning a "
+                                f"number (lower is better); got {eval_fn!r}.")
+    return epochs, batch_size, seed, lr, beta, weight_decay, warmup_frac, max_steps
+
+
+def optimizer_step(loss, kl, ce, params, optimizer, scheduler, history: dict) -> None:
+    """One update from ``loss``: gradients clipped to norm 1, the schedule advanced, and
+    ``loss``/``kl``/``ce`` (and the learning rate, where ``history`` has ``"lr"``) recorded."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    if "lr" in history:
+        history["lr"].append(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    scheduler.step()
+    for name, term in (("loss", loss), ("kl", kl), ("ce", ce)):
+        history[name].append(term.item())
+
+
 def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs: int = 10,
                   lr: float = 1e-3, batch_size: int = 256, beta: float = 0.5,
                   weight_decay: float = 0.01, warmup_frac: float = 0.05, eval_fn=None,
@@ -207,21 +244,11 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
     bf16 (``helpers.cpu.autocast_dtype`` says where), slower elsewhere.
     """
     from tqdm.auto import tqdm
-    epochs = check_int("epochs", epochs, 1, example=10)
-    batch_size = check_int("batch_size", batch_size, 1, example=256)
+    epochs, batch_size, seed, lr, beta, weight_decay, warmup_frac, max_steps = \
+        check_training_args(epochs=epochs, batch_size=batch_size, seed=seed, lr=lr, beta=beta,
+                            weight_decay=weight_decay, warmup_frac=warmup_frac,
+                            max_steps=max_steps, eval_fn=eval_fn)
     patience = check_int("patience", patience, 1, example=3)
-    seed = check_int("seed", seed, 0, example=0)
-    lr = check_float("lr", lr, example=1e-3)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0; got {lr}. Pass e.g. lr=1e-3.")
-    beta = check_float("beta", beta, 0.0, 1.0, example=0.5)
-    weight_decay = check_float("weight_decay", weight_decay, 0.0, example=0.01)
-    warmup_frac = check_float("warmup_frac", warmup_frac, 0.0, 1.0, example=0.05)
-    if max_steps is not None:
-        max_steps = check_int("max_steps", max_steps, 1, example=100)
-    if eval_fn is not None and not callable(eval_fn):
-        raise ArgumentTypeError(f"eval_fn must be a function of the decoder returning a "
-                                f"number (lower is better); got {eval_fn!r}.")
     n, W = len(store), decoder.config.window
     if len(targets) != n or decoder.config.key_dim != store.dim:
         raise ValueError(f"store ({n} rows of dim {store.dim}), targets ({len(targets)} "
@@ -268,15 +295,8 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
                                           "Lower DECODER_LR or check the keys for NaN/inf.")
                     warnings.warn(history["stopped"], stacklevel=2)
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-                history["lr"].append(optimizer.param_groups[0]["lr"])
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, kl, ce, params, optimizer, scheduler, history)
                 step += 1
-                for name, term in (("loss", loss), ("kl", kl), ("ce", ce)):
-                    history[name].append(term.item())
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             if history["stopped"]:

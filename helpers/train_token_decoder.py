@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from .token_decoder import TokenMemoryDecoder
-from .train_decoder import KnnTargets, _snapshot, memdec_loss, optimizer_and_schedule
-from .validate import ArgumentTypeError, check_float, check_int
+from .train_decoder import (KnnTargets, _snapshot, check_training_args, memdec_loss,
+                            optimizer_and_schedule, optimizer_step)
+from .validate import check_int
 
 
 def _first_rows(rows_like, rows: np.ndarray) -> np.ndarray:
@@ -140,18 +141,11 @@ def train_token_decoder(decoder: TokenMemoryDecoder, store, targets: KnnTargets,
     (``history["stopped"]``) and restores the best weights so far.
     """
     from tqdm.auto import tqdm
-    epochs = check_int("epochs", epochs, 1, example=3)
-    batch_size = check_int("batch_size", batch_size, 1, example=8)
-    seed = check_int("seed", seed, 0, example=0)
-    lr = check_float("lr", lr, example=1e-3)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0; got {lr}. Pass e.g. lr=1e-3.")
-    beta = check_float("beta", beta, 0.0, 1.0, example=0.5)
-    if max_steps is not None:
-        max_steps = check_int("max_steps", max_steps, 1, example=100)
-    if eval_fn is not None and not callable(eval_fn):
-        raise ArgumentTypeError(f"eval_fn must be a function of the decoder returning a "
-                                f"number (lower is better); got {eval_fn!r}.")
+    epochs, batch_size, seed, lr, beta, weight_decay, warmup_frac, max_steps = \
+        check_training_args(epochs=epochs, batch_size=batch_size, seed=seed, lr=lr, beta=beta,
+                            weight_decay=weight_decay, warmup_frac=warmup_frac,
+                            max_steps=max_steps, eval_fn=eval_fn, example_epochs=3,
+                            example_batch=8)
     if len(targets) != len(store):
         raise ValueError(f"the store has {len(store)} rows but the targets {len(targets)}; "
                          "compute them for this store with precompute_knn_targets(store, "
@@ -190,14 +184,8 @@ def train_token_decoder(decoder: TokenMemoryDecoder, store, targets: KnnTargets,
                                           "restored the best weights so far. Lower lr.")
                     warnings.warn(history["stopped"], stacklevel=2)
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(loss, kl, ce, params, optimizer, scheduler, history)
                 step += 1
-                for name, term in (("loss", loss), ("kl", kl), ("ce", ce)):
-                    history[name].append(term.item())
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             if history["stopped"]:
