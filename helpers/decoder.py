@@ -41,7 +41,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .model import resolve_device, tokenizer_fingerprint
-from .paths import CorruptFile, load_weights, read_json, save_checkpoint
+from .paths import CorruptFile, load_weights, read_json, require_keys, save_checkpoint
 from .validate import ArgumentTypeError, check_float, check_int
 
 HEADS = ("store", "tied", "full")
@@ -313,7 +313,7 @@ def _read_config(folder: Path) -> DecoderConfig:
         raise DecoderMismatch(f"{folder} holds a token-level Memory Decoder (it reads token "
                               "ids, not hidden states): load it with helpers.token_decoder."
                               "load_token_decoder(folder, tokenizer=...).")
-    read_json(folder / "config.json", _advice(folder), ("key_dim", "base_vocab_size"))
+    require_keys(raw, folder / "config.json", ("key_dim", "base_vocab_size"), _advice(folder))
     known = {f.name for f in fields(DecoderConfig)}
     try:
         return DecoderConfig(**{k: v for k, v in raw.items() if k in known})

@@ -252,11 +252,17 @@ def read_json(path: Path, advice: str, required=()) -> dict:
     if not isinstance(data, dict):
         raise CorruptFile(f"{path} should hold a JSON object, not {type(data).__name__}; "
                           f"{advice}")
+    require_keys(data, path, required, advice)
+    return data
+
+
+def require_keys(data: dict, path, required, advice: str) -> None:
+    """``CorruptFile`` saying ``advice`` unless the JSON object ``data`` read from
+    ``path`` holds every key of ``required``."""
     missing = [k for k in required if k not in data]
     if missing:
         raise CorruptFile(f"{path} lacks {', '.join(missing)}: it is incomplete or from "
                           f"another version; {advice}")
-    return data
 
 
 def load_array(path: Path, advice: str, mmap: bool = True):

@@ -226,6 +226,18 @@ def optimizer_step(loss, kl, ce, params, optimizer, scheduler, history: dict) ->
         history[name].append(term.item())
 
 
+def evaluate_epoch(decoder, eval_fn, history: dict):
+    """After an epoch: ``decoder`` to eval mode and, with an ``eval_fn``, its score
+    (lower is better) recorded in ``history["eval"]`` and returned; else ``None``."""
+    decoder.eval()
+    if eval_fn is None:
+        return None
+    with torch.no_grad():
+        value = float(eval_fn(decoder))
+    history["eval"].append(value)
+    return value
+
+
 def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs: int = 10,
                   lr: float = 1e-3, batch_size: int = 256, beta: float = 0.5,
                   weight_decay: float = 0.01, warmup_frac: float = 0.05, eval_fn=None,
@@ -301,12 +313,7 @@ def train_decoder(decoder: MemoryDecoder, store, targets: KnnTargets, *, epochs:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             if history["stopped"]:
                 break
-            decoder.eval()
-            value = None
-            if eval_fn is not None:
-                with torch.no_grad():
-                    value = float(eval_fn(decoder))
-                history["eval"].append(value)
+            value = evaluate_epoch(decoder, eval_fn, history)
             if eval_fn is None or value < best:  # without eval_fn the latest is best
                 best, waited, best_state = value, 0, _snapshot(decoder)
                 history["best_epoch"], history["best_eval"] = epoch + 1, value

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from .token_decoder import TokenMemoryDecoder
-from .train_decoder import (KnnTargets, _snapshot, check_training_args, memdec_loss,
-                            optimizer_and_schedule, optimizer_step)
+from .train_decoder import (KnnTargets, _snapshot, check_training_args, evaluate_epoch,
+                            memdec_loss, optimizer_and_schedule, optimizer_step)
 from .validate import check_int
 
 
@@ -190,12 +190,7 @@ def train_token_decoder(decoder: TokenMemoryDecoder, store, targets: KnnTargets,
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             if history["stopped"]:
                 break
-            decoder.eval()
-            value = None
-            if eval_fn is not None:
-                with torch.no_grad():
-                    value = float(eval_fn(decoder))
-                history["eval"].append(value)
+            value = evaluate_epoch(decoder, eval_fn, history)
             if eval_fn is None or value < best:
                 best, best_state, history["best_epoch"] = value, _snapshot(decoder), epoch + 1
             if step >= total:
