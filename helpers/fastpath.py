@@ -74,8 +74,7 @@ def restore_malloc_defaults() -> bool:
     and ``W = 4`` decoder training after a key extraction in the same process
     ran at 382-388 samples/s against 424-440 before it (one A/B run on 2 cores;
     490-493 against 455-495 with this version).  ``tests/test_fastpath.py`` pins
-    both halves.  Returns
-    False where the C library is not glibc.
+    both halves.  Returns False where the C library is not glibc.
     """
     libc = _glibc()
     if libc is None:

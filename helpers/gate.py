@@ -69,9 +69,8 @@ def decoder_fingerprint(decoder) -> str:
     return digest.hexdigest()[:16]
 
 
-@torch.inference_mode()
 def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor, names=FEATURES,
-                  vocab: torch.Tensor | None = None, _stats: dict | None = None) -> torch.Tensor:
+                  vocab: torch.Tensor | None = None) -> torch.Tensor:
     """The gate's inputs ``(N, F)`` from base logits ``(N, V)`` and decoder log-probs.
 
     ``dec_logp`` is ``(N, V)`` over the base vocabulary (a floor such as -30
@@ -79,6 +78,17 @@ def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor, names=FEATU
     (sorted token ids ``(V_s,)``), ``(N, V_s)`` over those tokens only, every
     other token having probability 0: the cheap form for a decoder whose head
     covers the datastore's vocabulary.  Both forms give the same features.
+    """
+    return gate_features_and_normaliser(base_logits, dec_logp, names, vocab)[0]
+
+
+@torch.inference_mode()
+def gate_features_and_normaliser(base_logits, dec_logp, names=FEATURES, vocab=None):
+    """``gate_features(...)`` and the base side's ``max`` and ``logsumexp`` ``(N, 1)``.
+
+    The two statistics fall out of the features' pass over the base logits, so a
+    caller that needs them too (``helpers.evaluation.score_rows``) does not read
+    the ``(N, 262144)`` logits again for them.
     """
     unknown = [n for n in names if n not in FEATURES]
     if unknown:
@@ -91,8 +101,6 @@ def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor, names=FEATU
     e = (z - z_max).exp_()                                            # (N, V) unnormalised
     total = e.sum(-1, keepdim=True)                                   # (N, 1)
     lse = z_max + total.log()                                         # log normaliser
-    if _stats is not None:
-        _stats.update(max=z_max, lse=lse)
     ld = torch.log_softmax(dec_logp.float().to(z.device), dim=-1)     # (N, V) or (N, V_s)
     pd = ld.exp()
     top_d = ld.argmax(-1, keepdim=True)                               # (N, 1) column of ld
@@ -116,19 +124,7 @@ def gate_features(base_logits: torch.Tensor, dec_logp: torch.Tensor, names=FEATU
         "base_logp_of_dec_top": lambda: (z.gather(1, top_d_id) - lse)[:, 0],
         "overlap": lambda: torch.minimum(pb_cols(), pd).sum(-1),
     }
-    return torch.stack([out[n]() for n in names], dim=1)              # (N, F)
-
-
-def gate_features_and_normaliser(base_logits, dec_logp, names=FEATURES, vocab=None):
-    """``gate_features(...)`` and the base side's ``max`` and ``logsumexp`` ``(N, 1)``.
-
-    The two statistics fall out of the features' pass over the base logits, so a
-    caller that needs them too (``helpers.evaluation.score_rows``) does not read
-    the ``(N, 262144)`` logits again for them.
-    """
-    stats = {}
-    feats = gate_features(base_logits, dec_logp, names, vocab, _stats=stats)
-    return feats, stats["max"], stats["lse"]
+    return torch.stack([out[n]() for n in names], dim=1), z_max, lse  # (N, F), (N, 1), (N, 1)
 
 
 @dataclass
