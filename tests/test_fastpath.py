@@ -109,18 +109,18 @@ def test_freed_memory_kept_stops_page_faults_inside_its_block_only():
     assert inside < 4096  # one 16 MB block is 4,096 pages of 4 KB
     kept_for_good = _faults_after("keep_freed_memory()")
     assert kept_for_good < 4 * 4096
-    # after the block, small blocks are reused as in a fresh process (0-1,000 faults
-    # here), not mapped afresh (40 x 1,024 pages with the thresholds pinned at 128 KiB)
+    # after the block, 4 MB blocks are reused from the heap (0 faults here), not mapped
+    # afresh (40 x 1,024 pages with the thresholds pinned at 128 KiB). A fresh process is
+    # no reference: glibc's dynamic thresholds gave it 0 or 80,640 faults from run to run.
     head = ("import sys; sys.path.insert(0, %r)\n" % str(Path(__file__).parents[1])
             + "from helpers.fastpath import freed_memory_kept\n" + _TRAINING_LIKE)
-    fresh = int(_in_fresh_python(head + "faults()\nprint(faults())"))
     after = int(_in_fresh_python(head + "with freed_memory_kept():\n    pass\n"
                                  "faults()\nprint(faults())"))
     pinned = int(_in_fresh_python(head + "import ctypes; libc = ctypes.CDLL('libc.so.6')\n"
                                   "libc.mallopt(-3, 128 << 10); libc.mallopt(-1, 128 << 10)\n"
                                   "faults()\nprint(faults())"))
     assert pinned > 20 * 1024, "the workload no longer shows what pinned thresholds cost"
-    assert after < 4 * 1024 and fresh < 4 * 1024, (after, fresh)
+    assert after < 4 * 1024, f"{after} page faults after the block"
     # and the memory kept inside the block goes back at its end
     rss = ("import resource, numpy as np\n"
            "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
