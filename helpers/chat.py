@@ -400,7 +400,8 @@ class ChatPanel:
         if not steps or steps[0].memory_top_id is None:
             return []
         layer = (self.store.manifest.get("layer", -1) if steps[0].doc_ids is not None
-                 else self.decoder.config.layer)  # the state that Step.key holds
+                 else getattr(self.decoder.config, "layer", -1))  # the state Step.key holds
+        # (a token-level decoder reads no hidden state: Step.key is then the last one)
         if layer not in (None, -1):
             return [f"(memory influence not measured: the memory reads layer {layer})"]
         weight = self.model.get_output_embeddings().weight            # (V, D)

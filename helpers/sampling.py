@@ -4,7 +4,10 @@ Explained in ``notebooks/04_blended_sampling.ipynb``.
 
 At every step the base model gives ``log p_base`` and a memory gives
 ``log p_mem`` -- the Memory Decoder (mode ``"memdec"``) or the kNN search of
-notebook 02 (mode ``"knn"``).  They are mixed in one of two ways::
+notebook 02 (mode ``"knn"``).  Mode ``"memdec"`` takes either decoder: the
+hidden-state one of notebook 03 (it reads the base model's last ``W`` hidden
+states) or the token-level one of ``helpers.token_decoder`` (it reads the token
+ids, with its own KV cache, and so serves any model with the same tokenizer).  They are mixed in one of two ways::
 
     blend="probs":  p      = (1 - alpha) * p_base + alpha * p_mem   (kNN-LM)
     blend="logits": logits = (1 - alpha) * logits_base + alpha * log p_mem
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from .knn import knn_distribution, lookup_values, search
+from .token_decoder import TokenMemoryDecoder
 from .validate import check_float, check_int, check_str
 
 MODES = ("base", "knn", "memdec")
@@ -190,20 +194,40 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {int(i) for i in flat if i is not None}
 
 
-def _check_memory(model, mode, decoder, store, index, k, knn_temperature, hidden):
+def _check_token_decoder(model, tokenizer, decoder) -> None:
+    """A token-level memory fits any model whose tokenizer it was trained with."""
+    from .model import tokenizer_fingerprint
+    c, vocab = decoder.config, model.get_output_embeddings().weight.shape[0]
+    if c.tokenizer_fingerprint is not None and tokenizer_fingerprint(tokenizer) != \
+            c.tokenizer_fingerprint:
+        raise ValueError(f"the token decoder was trained for the tokenizer of "
+                         f"{c.base_model_name!r} (fingerprint {c.tokenizer_fingerprint}); "
+                         "this tokenizer differs, so its ids mean other words. Use a model "
+                         f"that shares {c.base_model_name!r}'s tokenizer, or train a token "
+                         "decoder on a datastore built with this one.")
+    if max(c.vocab_ids, default=-1) >= vocab:
+        raise ValueError(f"the token decoder predicts token ids up to {max(c.vocab_ids)}, "
+                         f"but this model's head has {vocab} rows. Use a model that shares "
+                         f"{c.base_model_name!r}'s tokenizer.")
+
+
+def _check_memory(model, tokenizer, mode, decoder, store, index, k, knn_temperature, hidden):
     if mode == "memdec":
         if decoder is None:
             raise ValueError("mode='memdec' needs decoder=...: load one with "
-                             f"load_decoder(folder) (trained in {NOTEBOOK_03}).")
+                             f"load_decoder(folder) (trained in {NOTEBOOK_03}) or "
+                             "load_token_decoder(folder) (helpers.token_decoder).")
+        if decoder.training:
+            raise ValueError("the decoder is in training mode (dropout on); call "
+                             "decoder.eval() before generating.")
+        if isinstance(decoder, TokenMemoryDecoder):
+            return _check_token_decoder(model, tokenizer, decoder)
         c, vocab = decoder.config, model.get_output_embeddings().weight.shape[0]
         if c.base_vocab_size != vocab or c.key_dim != hidden:
             raise ValueError(f"the decoder expects a base model with {c.base_vocab_size} "
                              f"tokens and hidden size {c.key_dim}; this one has {vocab} "
                              f"and {hidden}. Train a decoder for this model in "
                              f"{NOTEBOOK_03}.")
-        if decoder.training:
-            raise ValueError("the decoder is in training mode (dropout on); call "
-                             "decoder.eval() before generating.")
         if c.head == "tied" and decoder.output_embedding is None:
             raise ValueError("this head='tied' decoder needs decoder.attach_output_"
                              "embedding(model.get_output_embeddings().weight) first.")
@@ -251,7 +275,7 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
     if mode == "knn":
         k = check_int("k", k, 1, example=32)
         knn_temperature = check_float("knn_temperature", knn_temperature, example=300.0)
-    _check_memory(model, mode, decoder, store, index, k, knn_temperature,
+    _check_memory(model, tokenizer, mode, decoder, store, index, k, knn_temperature,
                   config.hidden_size)
     if adaptive:
         _check_adaptive(mode, gate, decoder)
@@ -281,8 +305,10 @@ def generate(model, tokenizer, prompt: str, *, mode: str = "base", alpha: float 
         ids = ids[:keep] + ids[keep + cut:]
     if mode == "base":
         memory, layer, W, alpha = None, -1, 1, 0.0
+    elif mode == "memdec" and isinstance(decoder, TokenMemoryDecoder):
+        memory, layer, W = _token_memory(decoder), -1, 1
     elif mode == "memdec":
-        def memory(x, pad):  # (1, W, D), (1, W) -> (log p_dec, no provenance)
+        def memory(x, pad, new_ids):  # (1, W, D), (1, W) -> (log p_dec, no provenance)
             if decoder.config.head == "store":  # sparse: (head's token ids, (1, V_s))
                 return (decoder.vocab, torch.log_softmax(decoder(x, pad).float(), -1)), None
             return decoder.log_probs_full(x, pad), None                 # dense (1, V)
@@ -324,10 +350,38 @@ def _check_adaptive(mode, gate, decoder) -> None:
     check_gate(gate, decoder)
 
 
+def _token_memory(decoder: TokenMemoryDecoder):
+    """``memory(x, pad, new_ids (1, n)) -> ((token ids, log p_dec (1, V_s)), None)``.
+
+    The token decoder keeps its own KV cache over the ids it has read.  It reads
+    at most ``context`` positions: a prompt longer than that is read from its
+    last ``context`` tokens, and when the cache is full it starts again on the
+    last ``context // 2`` tokens (one forward over those, then one token per
+    step again), like a later training chunk that starts inside a text.
+    """
+    ctx = decoder.config.context
+    state = {"ids": [], "cache": None, "read": 0}
+    device = decoder.vocab.device
+
+    def memory(x, pad, new_ids):
+        new = [int(i) for i in new_ids[0]]
+        state["ids"].extend(new)
+        if state["cache"] is None or state["read"] + len(new) > ctx:
+            keep = state["ids"][-(ctx if state["cache"] is None else ctx // 2):]
+            logits, state["cache"] = decoder.step(torch.tensor([keep], device=device))
+            state["read"] = len(keep)
+        else:
+            logits, state["cache"] = decoder.step(torch.tensor([new], device=device),
+                                                  state["cache"])
+            state["read"] += len(new)
+        return (decoder.vocab, torch.log_softmax(logits.float(), -1)), None   # (1, V_s)
+    return memory
+
+
 def _knn_memory(store, index, k: int, temperature: float):
-    """``memory(x (1, 1, D), pad) -> ((token ids, log p_kNN (1, n)), store doc of each
+    """``memory(x (1, 1, D), pad, new_ids) -> ((token ids, log p_kNN (1, n)), store doc of each
     neighbour)``: p_kNN is sparse, at most ``k`` tokens have mass."""
-    def memory(x, pad):
+    def memory(x, pad, new_ids):
         query = x[0, -1].float().cpu().numpy()[None]              # (1, D)
         distances, rows = search(index, query, k)                 # (1, k) each
         tok, prob = knn_distribution(distances, lookup_values(store, rows), temperature)
@@ -379,7 +433,7 @@ def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature
             x = logits.new_zeros(1, W, window[-1].shape[0])       # (1, W, D)
             x[0, W - len(window):] = torch.stack(list(window))
             pad = (torch.arange(W, device=device) < W - len(window))[None]  # (1, W)
-            mem, docs = memory(x, pad)         # dense (1, V) or sparse (ids, (1, n))
+            mem, docs = memory(x, pad, new_input)  # dense (1, V) or sparse (ids, (1, n))
             if isinstance(mem, tuple):
                 ids, lp = mem[0].to(device), mem[1][0].to(device)  # (n,), (n,)
                 mem, top = (ids, lp), int(ids[lp.argmax()])

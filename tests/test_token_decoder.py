@@ -195,3 +195,77 @@ def test_a_store_without_its_first_token_is_refused_with_advice(tiny_store):
     store, targets, tok = tiny_store
     with pytest.raises(ValueError, match="bos_id=tokenizer.bos_token_id"):
         token_windows(store, [0], 8, bos_id=None)
+
+
+# --- generate(mode="memdec") with a token-level decoder ----------------------------------
+
+def decoder_greedy(decoder, ids):
+    """The token decoder's greedy base id after ``ids``, from a full forward (no cache)."""
+    with torch.no_grad():
+        return int(decoder.vocab[decoder(torch.tensor([ids]))[0, -1].argmax()])
+
+
+def test_generate_reads_the_token_decoders_window_with_its_own_cache(tiny, tiny_store):
+    """α = 1: each token is the decoder's greedy choice over the ids it has read; with
+    context 8 the prompt (10 tokens) is read from its last 8, and when the cache is full
+    the decoder starts again on the last 4 tokens."""
+    from helpers.sampling import generate
+    model, tok = tiny
+    store, _, _ = tiny_store
+    decoder = store_decoder(store, tok, context=8).eval()
+    prompt = "the data subject shall have the right to obtain"
+    steps = list(generate(model, tok, prompt, mode="memdec", decoder=decoder, alpha=1.0,
+                          temperature=0, top_k=None, max_new_tokens=12))
+    ids = tok(prompt)["input_ids"]
+    read = min(len(ids), 8)                      # positions in the decoder's cache
+    restarts = 0
+    for step in steps:
+        assert step.token_id == step.memory_top_id == decoder_greedy(decoder, ids[-read:])
+        ids.append(step.token_id)
+        read += 1
+        if read > 8:
+            read, restarts = 4, restarts + 1
+    assert len(steps) == 12 and restarts >= 2   # the slide was exercised
+
+
+def test_one_token_decoder_serves_two_models_that_share_the_tokenizer(tiny, tiny_store):
+    """Plug and play: at α = 1 the answer is the memory's alone, whatever the base model;
+    at α = 0 it is each base model's own."""
+    from helpers.sampling import generate_text
+    from tests.conftest import make_model
+    model, tok = tiny
+    other = make_model(len(tok), seed=1)          # same tokenizer, other weights
+    decoder = store_decoder(tiny_store[0], tok).eval()
+    kw = dict(mode="memdec", decoder=decoder, temperature=0, top_k=None, max_new_tokens=6)
+    prompt = "the data subject"
+    assert generate_text(model, tok, prompt, alpha=1.0, **kw)[0] == \
+        generate_text(other, tok, prompt, alpha=1.0, **kw)[0]
+    for m in (model, other):
+        assert generate_text(m, tok, prompt, alpha=0.0, **kw)[0] == \
+            generate_text(m, tok, prompt, max_new_tokens=6, temperature=0, top_k=None)[0]
+
+
+def test_generate_refuses_a_token_decoder_of_another_tokenizer(tiny, tiny_store):
+    from helpers.sampling import generate
+    model, tok = tiny
+    decoder = store_decoder(tiny_store[0], tok).eval()
+    decoder.config.tokenizer_fingerprint = "0123456789abcdef"
+    with pytest.raises(ValueError, match="tokenizer of .*ids mean other words"):
+        generate(model, tok, "the data", mode="memdec", decoder=decoder, alpha=0.5, top_k=None)
+    decoder.config.tokenizer_fingerprint = None
+    with pytest.raises(ValueError, match="training mode"):
+        generate(model, tok, "the data", mode="memdec", decoder=decoder.train(), alpha=0.5,
+                 top_k=None)
+
+
+def test_the_chat_panel_answers_with_a_token_decoder_and_reports_its_influence(tiny, tiny_store):
+    """Mode "memdec" with the token-level memory: an answer, and the influence note that
+    compares it with the base model's greedy tokens (Step.key is the last hidden state)."""
+    from helpers.chat import ChatPanel
+    decoder = store_decoder(tiny_store[0], tiny[1]).eval()
+    panel = ChatPanel(*tiny, decoder=decoder, mode="memdec", alpha=1.0, temperature=0,
+                      top_k=10, max_new_tokens=5)
+    assert panel.send("the data subject") is not None, panel.status.value
+    assert panel.wait(60), "the answer did not finish"
+    assert panel.history[-1][1] and "Done" in panel.status.value
+    assert any("Memory influence" in note for note in panel.last_notes)
