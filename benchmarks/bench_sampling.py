@@ -16,6 +16,9 @@ size's (``--quick``: the notebooks' default, ``helpers/sizes.py``), after a
   together;
 * memdec:    ``generate(mode="memdec")``: the same plus the decoder, no search;
 * adaptive:  memdec with the α gate (skipped without a trained gate);
+* memdec_token: memdec with the token-level decoder (issue 18) that
+  ``bench_token_decoder.py`` saves next to the other decoder (skipped without
+  one): it reads token ids with its own KV cache instead of hidden states;
 * original:  ``original_style_step``: the original tutorial's loop as written
   (manceps/MemoryDecoder ``app.py``): per token, no cache, a full forward
   over the whole prefix for the logits, a body-only forward for the query,
@@ -109,11 +112,18 @@ def main() -> None:
         from helpers.gate import load_gate
         gate = load_gate(out / "alpha_gate", decoder=decoder)
 
+    token_decoder = None
+    if (out / "token_decoder" / "config.json").exists():  # bench_token_decoder.py saves one
+        from helpers.token_decoder import load_token_decoder
+        token_decoder = load_token_decoder(out / "token_decoder", tokenizer=tok, store=store)
+
     common = dict(temperature=0, top_k=None, max_new_tokens=args.tokens + 1, seed=0)
     runs = {"base": dict(mode="base"),
             "knn": dict(mode="knn", store=store, index=index, k=args.k, alpha=0.5),
             "knn_flat": dict(mode="knn", store=store, index=flat, k=args.k, alpha=0.5),
             "memdec": dict(mode="memdec", decoder=decoder, alpha=0.5)}
+    if token_decoder is not None:
+        runs["memdec_token"] = dict(mode="memdec", decoder=token_decoder, alpha=0.5)
     if gate is not None:
         runs["adaptive"] = dict(mode="memdec", decoder=decoder, alpha=1.0, gate=gate,
                                 adaptive=True)
@@ -144,6 +154,8 @@ def main() -> None:
                "original_over_memdec": ms["original"] / ms["memdec"]}
     if "adaptive" in ms:
         results["adaptive_over_base"] = ms["adaptive"] / ms["base"]
+    if "memdec_token" in ms:
+        results["memdec_token_over_base"] = ms["memdec_token"] / ms["base"]
     write_results("bench_sampling" + ("_quick" if args.quick else ""), results)
 
 

@@ -10,7 +10,9 @@ the store, then reports held-out perplexity of the base model alone and
 blended with each memory (probability blend, α chosen on the validation
 articles ``ev.valid``, reported on the test articles ``ev.test``), and the
 per-token cost of a KV-cached generation step: base alone against base plus
-the token decoder.  Writes ``data/artifacts/bench_token_decoder.json``.
+the token decoder.  Writes ``data/artifacts/bench_token_decoder.json`` and
+saves the trained decoder to ``data/artifacts/quick/token_decoder/`` (``--save``),
+where ``bench_sampling.py --quick`` times generation with it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from helpers.knn import interpolate, perplexity
 from helpers.model import EMBEDDED_MODEL, load_base_model, weights_fingerprint
 from helpers.paths import artifacts_dir, cache_dir, read_json, write_results
 from helpers.sizes import SIZES
-from helpers.token_decoder import TokenMemoryDecoder
+from helpers.token_decoder import TokenMemoryDecoder, save_token_decoder
 from helpers.train_decoder import _open_targets
 from helpers.train_token_decoder import token_target_probs, train_token_decoder
 
@@ -93,6 +95,8 @@ def main():
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--cost-steps", type=int, default=32)
+    ap.add_argument("--save", default=None, help="folder for the trained token decoder "
+                    "(default: data/artifacts/quick/token_decoder; 'none' to skip)")
     ap.add_argument("--json", default=None, help="write the figures here instead of "
                     "data/artifacts/bench_token_decoder.json")
     args = ap.parse_args()
@@ -117,6 +121,9 @@ def main():
                                   batch_size=args.batch_size, beta=args.beta, progress=False)
     train_s = time.perf_counter() - tic
     losses = history["loss"]
+    save = artifacts_dir(size.tag) / "token_decoder" if args.save is None else args.save
+    if str(save) != "none":
+        print(f"saved to {save_token_decoder(decoder, save)}")
     print(f"trained {args.epochs} epoch(s), {len(losses)} steps of {args.batch_size} chunks "
           f"in {train_s:.0f} s; loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}")
 
