@@ -7,7 +7,8 @@ At every step the base model gives ``log p_base`` and a memory gives
 notebook 02 (mode ``"knn"``).  Mode ``"memdec"`` takes either decoder: the
 hidden-state one of notebook 03 (it reads the base model's last ``W`` hidden
 states) or the token-level one of ``helpers.token_decoder`` (it reads the token
-ids, with its own KV cache, and so serves any model with the same tokenizer).  They are mixed in one of two ways::
+ids, with its own KV cache, and so serves any model with the same tokenizer).
+They are mixed in one of two ways::
 
     blend="probs":  p      = (1 - alpha) * p_base + alpha * p_mem   (kNN-LM)
     blend="logits": logits = (1 - alpha) * logits_base + alpha * log p_mem
@@ -360,20 +361,19 @@ def _token_memory(decoder: TokenMemoryDecoder):
     step again), like a later training chunk that starts inside a text.
     """
     ctx = decoder.config.context
-    state = {"ids": [], "cache": None, "read": 0}
+    state = {"ids": [], "cache": None}
     device = decoder.vocab.device
 
     def memory(x, pad, new_ids):
         new = [int(i) for i in new_ids[0]]
         state["ids"].extend(new)
-        if state["cache"] is None or state["read"] + len(new) > ctx:
-            keep = state["ids"][-(ctx if state["cache"] is None else ctx // 2):]
+        cache = state["cache"]
+        read = 0 if cache is None else cache[0][0].shape[2]  # positions in the cache
+        if cache is None or read + len(new) > ctx:
+            keep = state["ids"][-(ctx if cache is None else ctx // 2):]
             logits, state["cache"] = decoder.step(torch.tensor([keep], device=device))
-            state["read"] = len(keep)
         else:
-            logits, state["cache"] = decoder.step(torch.tensor([new], device=device),
-                                                  state["cache"])
-            state["read"] += len(new)
+            logits, state["cache"] = decoder.step(torch.tensor([new], device=device), cache)
         return (decoder.vocab, torch.log_softmax(logits.float(), -1)), None   # (1, V_s)
     return memory
 
