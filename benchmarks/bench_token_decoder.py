@@ -26,7 +26,7 @@ import torch
 
 from helpers.corpus import load_corpus, split_by_document
 from helpers.datastore import Datastore, corpus_fingerprint, default_store_path
-from helpers.knn import interpolate, perplexity
+from helpers.knn import best_alpha, perplexity
 from helpers.model import EMBEDDED_MODEL, load_base_model, weights_fingerprint
 from helpers.paths import artifacts_dir, cache_dir, read_json, write_results
 from helpers.sizes import SIZES
@@ -57,12 +57,9 @@ def cached_heldout(model, tok, texts):
     return heldout_eval(model, tok, texts, EMBEDDED_MODEL, progress=False)
 
 
-def best_alpha(p_base, p_mem, ev) -> tuple[float, float, float]:
+def blend(p_base, p_mem, ev) -> tuple[float, float, float]:
     """(α, validation perplexity, test perplexity) of the probability blend."""
-    valid = [perplexity(interpolate(p_base[ev.valid], p_mem[ev.valid], a)) for a in ALPHAS]
-    a = float(ALPHAS[int(np.argmin(valid))])
-    return a, float(min(valid)), float(perplexity(interpolate(p_base[ev.test],
-                                                               p_mem[ev.test], a)))
+    return best_alpha(p_base, p_mem, ev.valid, ev.test, ALPHAS)
 
 
 @torch.inference_mode()
@@ -129,14 +126,14 @@ def main():
 
     rows = {"base": (0.0, perplexity(ev.p_base[ev.valid]), perplexity(ev.p_base[ev.test]))}
     tic = time.perf_counter()
-    rows["token decoder"] = best_alpha(ev.p_base, token_target_probs(decoder, ev), ev)
+    rows["token decoder"] = blend(ev.p_base, token_target_probs(decoder, ev), ev)
     score_s = time.perf_counter() - tic
     hidden = artifacts_dir(size.tag) / "memory_decoder"
     if (hidden / "config.json").is_file():
         from helpers.decoder import load_decoder
         from helpers.train_decoder import decoder_target_probs
         dec = load_decoder(hidden, tokenizer=tok, store=store)
-        rows["hidden-state decoder (quick artifact)"] = best_alpha(
+        rows["hidden-state decoder (quick artifact)"] = blend(
             ev.p_base, decoder_target_probs(dec, ev.keys, ev.doc, ev.values), ev)
     print(f"\n{'':40} {'alpha':>5} {'valid ppl':>9} {'test ppl':>9}")
     for name, (a, v, t) in rows.items():

@@ -281,3 +281,52 @@ def check_plan_windows(fn) -> None:
             raise Failed(f"n_tokens={n_tokens}, window={window}, overlap={overlap}: expected "
                           f"{want}, got {got}. Each window after the first starts `overlap` "
                           "tokens before its first target; targets 1..n_tokens-1 once each")
+
+
+def _rows_case():
+    """Three texts laid out as extract_keys writes them: values, doc, pos."""
+    values = np.array([11, 12, 13, 14, 21, 31, 32, 33, 34, 35])
+    doc = np.array([0, 0, 0, 0, 1, 2, 2, 2, 2, 2])
+    pos = np.array([0, 1, 2, 3, 0, 0, 1, 2, 3, 4])
+    return values, doc, pos
+
+
+@exercise
+def check_tokens_before(fn) -> None:
+    """Exercise of notebook 06: ``fn(values, pos, row, bos_id)`` -> list of token ids."""
+    from types import SimpleNamespace
+
+    from .train_token_decoder import token_windows
+
+    values, doc, pos = _rows_case()
+    for row in (0, 3, 4, 5, 9):
+        got = call(fn, values.copy(), pos.copy(), row, 2)
+        ids, at = token_windows(SimpleNamespace(values=values, doc=doc, pos=pos), [row], 16, 2)
+        want = ids[0, :int(at[0]) + 1].tolist()
+        try:
+            got = [int(t) for t in got]
+        except (TypeError, ValueError):
+            raise Failed(f"row {row}: expected a list of {len(want)} token ids; got "
+                          f"{describe(got)}") from None
+        if got != want:
+            raise Failed(f"row {row} (pos {pos[row]}): expected {want}, got {got}. Start with "
+                          "bos_id, then the values of the rows before it in the same text")
+
+
+@exercise
+def check_compact_ids(fn) -> None:
+    """Exercise of notebook 06: ``fn(ids, vocab_ids, base_vocab_size)`` -> compact ids."""
+    from .token_decoder import TokenDecoderConfig, TokenMemoryDecoder
+
+    vocab_ids, base = [2, 5, 9, 11], 16
+    dec = TokenMemoryDecoder(TokenDecoderConfig(base_vocab_size=base, vocab_ids=vocab_ids,
+                                                dim=8, n_layers=1, n_heads=2, context=4))
+    for ids in (torch.tensor([2, 5, 9, 11]), torch.tensor([[0, 2, 3], [11, 15, 9]]),
+                torch.tensor([-1, 16, 100, 5, -5, 18])):
+        got = call(fn, ids.clone(), list(vocab_ids), base)
+        want = dec.compact(ids)
+        expect_tensor(got, f"ids {ids.tolist()}", want.shape, floating=False)
+        if not torch.equal(got.long(), want):
+            raise Failed(f"ids {ids.tolist()}: expected {want.tolist()}, got {got.tolist()}. "
+                          f"An id in vocab_ids becomes its position there; every other id "
+                          f"(negative or >= base_vocab_size too) becomes {len(vocab_ids)}")

@@ -155,6 +155,18 @@ def perplexity(probs_of_targets) -> float:
     return float(np.exp(-np.log(p).mean()))
 
 
+def best_alpha(p_base, p_memory, valid, test, alphas) -> tuple[float, float, float]:
+    """``(α, validation perplexity, test perplexity)`` of the probability blend whose α,
+    from ``alphas``, is best on the ``valid`` rows (masks or indices over ``p_base``)."""
+    p_base, p_memory = np.asarray(p_base), np.asarray(p_memory)
+    if p_base.shape != p_memory.shape:
+        raise ValueError(f"p_base {p_base.shape} and p_memory {p_memory.shape} must score the "
+                         "same tokens; compute both on the same held-out pass.")
+    curve = [perplexity(interpolate(p_base[valid], p_memory[valid], float(a))) for a in alphas]
+    a = float(alphas[int(np.argmin(curve))])
+    return a, float(min(curve)), perplexity(interpolate(p_base[test], p_memory[test], a))
+
+
 @torch.inference_mode()
 def head_logits(model, keys) -> torch.Tensor:
     """The base model's next-token logits ``(..., V)`` float32 from final keys.

@@ -198,18 +198,9 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def _check_token_decoder(model, tokenizer, decoder) -> None:
     """A token-level memory fits any model whose tokenizer it was trained with."""
     from .model import tokenizer_fingerprint
-    c, vocab = decoder.config, model.get_output_embeddings().weight.shape[0]
-    if c.tokenizer_fingerprint is not None and tokenizer_fingerprint(tokenizer) != \
-            c.tokenizer_fingerprint:
-        raise ValueError(f"the token decoder was trained for the tokenizer of "
-                         f"{c.base_model_name!r} (fingerprint {c.tokenizer_fingerprint}); "
-                         "this tokenizer differs, so its ids mean other words. Use a model "
-                         f"that shares {c.base_model_name!r}'s tokenizer, or train a token "
-                         "decoder on a datastore built with this one.")
-    if max(c.vocab_ids, default=-1) >= vocab:
-        raise ValueError(f"the token decoder predicts token ids up to {max(c.vocab_ids)}, "
-                         f"but this model's head has {vocab} rows. Use a model that shares "
-                         f"{c.base_model_name!r}'s tokenizer.")
+    from .token_decoder import check_tokenizer
+    check_tokenizer(decoder.config, tokenizer_fingerprint(tokenizer), "this tokenizer",
+                    vocab_size=model.get_output_embeddings().weight.shape[0])
 
 
 def _check_memory(model, tokenizer, mode, decoder, store, index, k, knn_temperature, hidden):

@@ -46,6 +46,8 @@ class Size:
     throughput_docs: int           # notebook 01's extraction-throughput run
     max_new_tokens: int            # generated tokens in notebooks 04 and 05
     cost_rounds: int               # timing rounds of the per-token cost, notebook 03
+    token_epochs: int              # epochs of notebook 06's token-level decoder
+    token_lr: float                # its peak learning rate
 
     @property
     def tag(self) -> str:
@@ -88,15 +90,18 @@ SIZES = {
     "smoke": Size("smoke", train_every=1, train_docs=12, eval_docs=4, eval_tokens=None,
                   offdomain_docs=3, blend_points=6, epochs=1, window=4, lr=1e-3,
                   dropout=0.1, max_steps=40, ablation_epochs=1, layer_train_docs=8, layer_query_docs=4,
-                  layer_max_tokens=64, throughput_docs=6, max_new_tokens=8, cost_rounds=1),
+                  layer_max_tokens=64, throughput_docs=6, max_new_tokens=8, cost_rounds=1,
+                  token_epochs=1, token_lr=2e-3),
     "quick": Size("quick", train_every=5, train_docs=None, eval_docs=None, eval_tokens=192,
                   offdomain_docs=10, blend_points=6, epochs=3, window=1, lr=3e-3,
                   dropout=0.1, max_steps=None, ablation_epochs=0, layer_train_docs=30, layer_query_docs=10,
-                  layer_max_tokens=128, throughput_docs=16, max_new_tokens=24, cost_rounds=1),
+                  layer_max_tokens=128, throughput_docs=16, max_new_tokens=24, cost_rounds=1,
+                  token_epochs=3, token_lr=3e-3),
     "full": Size("full", train_every=1, train_docs=None, eval_docs=None, eval_tokens=None,
                  offdomain_docs=None, blend_points=11, epochs=4, window=4, lr=3e-3,
                  dropout=0.0, max_steps=None, ablation_epochs=4, layer_train_docs=60, layer_query_docs=20,
-                 layer_max_tokens=192, throughput_docs=32, max_new_tokens=40, cost_rounds=3),
+                 layer_max_tokens=192, throughput_docs=32, max_new_tokens=40, cost_rounds=3,
+                 token_epochs=6, token_lr=3e-3),
 }
 
 

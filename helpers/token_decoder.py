@@ -253,6 +253,44 @@ def _read_config(folder: Path) -> TokenDecoderConfig:
                           f"({err}); {_advice(folder)}") from None
 
 
+def check_tokenizer(config: TokenDecoderConfig, fingerprint: str | None, what: str,
+                    vocab_size: int | None = None, where: str = "") -> None:
+    """Refuse a tokenizer (by ``helpers.model.tokenizer_fingerprint``) other than the one
+    the token decoder was trained with, and a model head too small for its token ids.
+
+    ``what`` names the tokenizer's owner in the message ("the tokenizer", "the second
+    model"); ``where`` says where the decoder came from.  One check for loading, for
+    ``generate`` and for notebook 06's second model.
+    """
+    c = config
+    if fingerprint is not None and c.tokenizer_fingerprint is not None \
+            and fingerprint != c.tokenizer_fingerprint:
+        raise DecoderMismatch(
+            f"the token decoder{where} was trained for the tokenizer of "
+            f"{c.base_model_name!r} (fingerprint {c.tokenizer_fingerprint}), but {what} has "
+            f"fingerprint {fingerprint}: its token ids mean other words. Use a model that "
+            f"shares {c.base_model_name!r}'s tokenizer, or train a token decoder on a "
+            "datastore built with this one.")
+    if vocab_size is not None and max(c.vocab_ids, default=-1) >= vocab_size:
+        raise DecoderMismatch(
+            f"the token decoder{where} predicts token ids up to {max(c.vocab_ids)}, but "
+            f"{what}'s head has {vocab_size} rows. Use a model that shares "
+            f"{c.base_model_name!r}'s tokenizer.")
+
+
+def second_model_path(name, tag: str = ""):
+    """The second model of notebook 06: ``name`` itself, or for ``"auto"`` the fine-tuned
+    copy that ``benchmarks/bench_finetune_sweep.py`` saves (``None`` if there is none)."""
+    from .paths import artifacts_dir
+
+    if name is None or name is False:
+        return None
+    if name != "auto":
+        return str(name)
+    folder = artifacts_dir(tag) / "finetuned"
+    return str(folder) if (folder / "config.json").is_file() else None
+
+
 def load_token_decoder(folder, *, tokenizer=None, store=None,
                        device: str | torch.device = "cpu") -> TokenMemoryDecoder:
     """Load a token-level checkpoint (eval mode), refusing another tokenizer.
@@ -263,17 +301,11 @@ def load_token_decoder(folder, *, tokenizer=None, store=None,
     """
     folder = Path(folder)
     c = _read_config(folder)
-    given = [("the tokenizer", None if tokenizer is None else tokenizer_fingerprint(tokenizer)),
-             ("the datastore's tokenizer",
-              None if store is None else store.manifest.get("tokenizer_fingerprint"))]
-    for what, fp in given:
-        if fp is not None and c.tokenizer_fingerprint is not None and fp != c.tokenizer_fingerprint:
-            raise DecoderMismatch(
-                f"the token decoder in {folder} was trained for the tokenizer of "
-                f"{c.base_model_name!r} (fingerprint {c.tokenizer_fingerprint}), but "
-                f"{what} has fingerprint {fp}: its token ids mean other words. Use a model "
-                f"that shares {c.base_model_name!r}'s tokenizer, or train a token decoder "
-                "on a datastore built with this one.")
+    for what, fp in [("the tokenizer", None if tokenizer is None
+                      else tokenizer_fingerprint(tokenizer)),
+                     ("the datastore's tokenizer", None if store is None
+                      else store.manifest.get("tokenizer_fingerprint"))]:
+        check_tokenizer(c, fp, what, where=f" in {folder}")
     device = resolve_device(device)
     decoder = TokenMemoryDecoder(c)
     load_weights(decoder, folder / "model.safetensors", _advice(folder))

@@ -5,7 +5,7 @@
     python scripts/colab_links.py --check          # exit 1 if anything disagrees (the tests)
 
 Writes every "Open in Colab" badge (README.md and each notebook's first cell)
-and each notebook's setup cell, which is the same cell in all five notebooks
+and each notebook's setup cell, which is the same cell in all six notebooks
 (``SETUP`` below).  While the address is the placeholder, the setup cell does
 not try to clone: it says how to bring the project into Colab instead.
 """

@@ -1,4 +1,4 @@
-"""GPU check: the five notebooks at smoke size and the helpers' device paths, on a GPU.
+"""GPU check: the six notebooks at smoke size and the helpers' device paths, on a GPU.
 
     python scripts/gpu_check.py              # any machine with a CUDA GPU (a Colab T4 will do)
     python scripts/gpu_check.py --fake-gpu   # no GPU: the pretend GPU of helpers.devicecheck
@@ -49,9 +49,12 @@ TOKENIZER_VOCAB = 4_096
 PARAMETERS = {"05": {"BUILD_MISSING": True}}
 # On the CPU only: notebook 03 trains a narrower decoder for fewer steps, 04 its gates for
 # fewer steps (the same cells run; only their sizes change).
-CPU_PARAMETERS = {"03": {"DECODER_DIM": 32, "MAX_STEPS": 4}, "04": {"GATE_STEPS": 20}}
+CPU_PARAMETERS = {"03": {"DECODER_DIM": 32, "MAX_STEPS": 4}, "04": {"GATE_STEPS": 20},
+                  "06": {"TOKEN_DIM": 32, "MAX_STEPS": 4}}
 NOTEBOOKS = ["01_hidden_states", "02_datastore_knn_lm", "03_train_memory_decoder",
-             "04_blended_sampling", "05_chat_panel"]
+             "04_blended_sampling", "05_chat_panel", "06_token_memory"]
+# What each notebook's kernel reports the device of: the model and every memory beside it.
+RECORDED = ("model", "decoder", "gate", "hidden_decoder", "token_decoder")
 
 # Runs in each notebook's kernel before its first cell (IPython startup file).
 STARTUP = '''
@@ -63,7 +66,7 @@ if _os.environ.get("MEMDEC_FAKE_GPU") == "1":
 
 def _memdec_record_devices(result=None):
     seen = {}
-    for name in ("model", "decoder", "gate"):
+    for name in RECORDED_NAMES:
         obj = globals().get(name)
         try:
             seen[name] = str(next(obj.parameters()).device)
@@ -74,7 +77,7 @@ def _memdec_record_devices(result=None):
             _json.dump(seen, fh)
 
 get_ipython().events.register("post_run_cell", _memdec_record_devices)
-'''
+'''.replace("RECORDED_NAMES", repr(RECORDED))
 
 
 def build_tokenizer(folder: Path, vocab: int = TOKENIZER_VOCAB):
@@ -278,8 +281,10 @@ def main(argv=None) -> int:
                                   **(CPU_PARAMETERS.get(name[:2], {}) if args.fake_gpu else {})})
         seconds = time.perf_counter() - tic
         seen = json.loads(log.read_text()) if log.exists() else {}
-        if ok and seen.get("decoder", seen.get("model")) != seen.get("model"):
-            ok, error = False, f"the decoder is on {seen['decoder']}, the model on {seen['model']}"
+        astray = [k for k in RECORDED[1:] if seen.get(k, seen.get("model")) != seen.get("model")]
+        if ok and astray:
+            ok, error = False, (f"the {astray[0]} is on {seen[astray[0]]}, the model on "
+                                f"{seen['model']}")
         failures += not ok
         where = ", ".join(f"{k} on {v}" for k, v in seen.items())
         print(f"  {name:26} {seconds:6.1f} s  {'ok    ' if ok else 'FAILED'} {where}"

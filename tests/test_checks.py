@@ -282,3 +282,53 @@ def test_plan_windows_check_rejects_windows_without_overlap(capsys):
 def test_plan_windows_check_names_a_wrong_return_type(capsys):
     assert checks.check_plan_windows(lambda n, w, o: 3) is False
     assert "expected a list of (start, end, first_target) triples; got int 3" in _one_line(capsys)
+
+
+def _tokens_before(values, pos, row, bos_id):
+    first = row - pos[row]
+    return [bos_id] + [int(v) for v in values[first:row]]
+
+
+def test_tokens_before_check_accepts_bos_then_the_earlier_values_of_the_text(capsys):
+    assert checks.check_tokens_before(_tokens_before) is True
+    assert _one_line(capsys) == "passed"
+
+
+def test_tokens_before_check_rejects_reading_across_the_start_of_the_text(capsys):
+    assert checks.check_tokens_before(lambda values, pos, row, bos: [bos] + list(values[:row])) \
+        is False
+    assert "same text" in _one_line(capsys)
+
+
+def test_tokens_before_check_rejects_a_missing_bos(capsys):
+    def no_bos(values, pos, row, bos_id):
+        return _tokens_before(values, pos, row, bos_id)[1:]
+    assert checks.check_tokens_before(no_bos) is False
+    assert "Start with bos_id" in _one_line(capsys)
+
+
+def _compact_ids(ids, vocab_ids, base_vocab_size):
+    V = len(vocab_ids)
+    column = torch.full((base_vocab_size,), V, dtype=torch.long)
+    column[vocab_ids] = torch.arange(V)
+    inside = (ids >= 0) & (ids < base_vocab_size)
+    return torch.where(inside, column[ids.clamp(0, base_vocab_size - 1)], V)
+
+
+def test_compact_ids_check_accepts_a_lookup_table_with_the_unknown_id(capsys):
+    assert checks.check_compact_ids(_compact_ids) is True
+    assert _one_line(capsys) == "passed"
+
+
+def test_compact_ids_check_rejects_out_of_range_ids_that_wrap_around(capsys):
+    def wraps(ids, vocab_ids, base_vocab_size):  # -1 reads the last entry of the table
+        column = torch.full((base_vocab_size,), len(vocab_ids), dtype=torch.long)
+        column[vocab_ids] = torch.arange(len(vocab_ids))
+        return column[ids % base_vocab_size]
+    assert checks.check_compact_ids(wraps) is False
+    assert "negative or >= base_vocab_size" in _one_line(capsys)
+
+
+def test_compact_ids_check_names_a_float_result(capsys):
+    assert checks.check_compact_ids(lambda ids, v, n: _compact_ids(ids, v, n).float()) is False
+    assert "expected an integer tensor" in _one_line(capsys)

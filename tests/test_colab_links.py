@@ -33,7 +33,7 @@ def test_setting_an_address_rewrites_every_badge_and_setup_cell(copy):
     assert colab_links.main(["--set", "alice/memdec"]) == 0
     assert 'Repository = "https://github.com/alice/memdec"' in (copy / "pyproject.toml").read_text()
     readme = (copy / "README.md").read_text()
-    assert readme.count("colab.research.google.com/github/alice/memdec/blob/main/notebooks/") == 5
+    assert readme.count("colab.research.google.com/github/alice/memdec/blob/main/notebooks/") == 6
     for path in sorted((copy / "notebooks").glob("*.ipynb")):
         text = path.read_text()
         assert "REPO = 'alice/memdec'" in text and "memdec-tutorial" not in text, path.name

@@ -28,12 +28,18 @@ def test_notebooks_01_and_02_keep_to_the_models_device(tmp_path):
     assert report.count("model on cuda:0") == 2, report
 
 
-def test_notebooks_04_and_05_build_what_they_lack_in_an_empty_folder(tmp_path):
-    """Each alone in an empty data folder, as from a Colab badge: both run notebook 03 first
-    (itself alone in that empty folder), and the decoder ends up on the model's device."""
-    code, report = _gpu_check(tmp_path, "--fresh", "--only", "04", "05")
+def test_notebooks_04_05_and_06_build_what_they_lack_in_an_empty_folder(tmp_path):
+    """Each alone in an empty data folder, as from a Colab badge: each runs notebook 03 first
+    (itself alone in that empty folder), and every decoder ends up on the model's device."""
+    code, report = _gpu_check(tmp_path, "--fresh", "--only", "04", "05", "06")
     assert code == 0, report
-    assert report.count("decoder on cuda:0") == 2, report
-    for n in ("04", "05"):
+    lines = {n: next(ln for ln in report.splitlines() if ln.strip().startswith(n))
+             for n in ("04", "05", "06")}
+    assert "decoder on cuda:0" in lines["04"] and "decoder on cuda:0" in lines["05"], report
+    assert "hidden_decoder on cuda:0" in lines["06"], report
+    assert "token_decoder on cuda:0" in lines["06"], report
+    for n in ("04", "05", "06"):
         assert (tmp_path / "data" / n / "artifacts" / "smoke" / "memory_decoder"
                 / "config.json").is_file()
+    assert (tmp_path / "data" / "06" / "artifacts" / "smoke" / "token_decoder"
+            / "run.json").is_file()

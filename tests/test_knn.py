@@ -132,3 +132,18 @@ def test_base_target_probs_apply_gemmas_final_logit_softcap(tiny, monkeypatch):
     expect = probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
     np.testing.assert_allclose(p, expect, rtol=1e-4, atol=1e-7)
     assert not np.allclose(p, plain, rtol=1e-3)  # the cap really changed them
+
+
+def test_best_alpha_picks_alpha_on_validation_rows_and_reports_test_rows():
+    from helpers.knn import best_alpha, interpolate, perplexity
+
+    p_base = np.array([0.1, 0.1, 0.5, 0.5])
+    p_mem = np.array([0.9, 0.9, 0.01, 0.01])        # helps the first two rows, hurts the rest
+    valid, test = np.array([True, True, False, False]), np.array([False, False, True, True])
+    alphas = np.array([0.0, 0.5, 1.0])
+    a, v, t = best_alpha(p_base, p_mem, valid, test, alphas)
+    assert a == 1.0 and v == pytest.approx(1 / 0.9)
+    assert t == pytest.approx(perplexity(interpolate(p_base[test], p_mem[test], 1.0)))
+    assert best_alpha(p_base, p_mem, test, valid, alphas)[0] == 0.0  # the other way round
+    with pytest.raises(ValueError, match="same tokens"):
+        best_alpha(p_base, p_mem[:3], valid, test, alphas)

@@ -176,3 +176,72 @@ def test_stream_of_notebook_05_raises_an_error_of_the_generator_in_the_reader():
     with pytest.raises(RuntimeError, match="the model failed"):
         stream(broken(), shown.append)
     assert shown == ["a"]
+
+
+NB06 = "06_token_memory.ipynb"
+
+
+def _small_token_decoder(seed: int = 0):
+    from helpers.token_decoder import TokenDecoderConfig, TokenMemoryDecoder
+
+    torch.manual_seed(seed)
+    return TokenMemoryDecoder(TokenDecoderConfig(base_vocab_size=100, vocab_ids=[3, 5, 7, 9],
+                                                 bos_id=1, dim=16, n_layers=2, n_heads=4,
+                                                 context=12, dropout=0.0)).eval()
+
+
+def test_token_forward_of_notebook_06_equals_the_token_decoders_forward():
+    import math
+
+    token_forward = notebook_cell(NB06, _nb06_cell("def token_forward("), math=math)["token_forward"]
+    dec = _small_token_decoder()
+    ids = torch.tensor([[1, 3, 5, 7, 99, 9, 3, 5], [1, 9, -1, 7, 3, 3, 5, 1]])  # unknown ids too
+    with torch.no_grad():
+        assert torch.allclose(token_forward(dec, ids), dec(ids), atol=1e-5)
+
+
+def test_training_step_of_notebook_06_takes_the_step_of_memdec_loss_over_chunk_targets(
+        store_index):
+    from helpers.token_decoder import TokenMemoryDecoder
+    from helpers.train_decoder import memdec_loss, precompute_knn_targets
+    from helpers.train_token_decoder import chunk_batch, chunk_plan
+    from tests.conftest import make_tokenizer
+
+    store, index = store_index
+    targets = precompute_knn_targets(store, index, k=8, temperature=10.0)
+    tok = make_tokenizer()
+    training_step = notebook_cell(NB06, _nb06_cell("def training_step("), chunk_batch=chunk_batch,
+                                  memdec_loss=memdec_loss)["training_step"]
+
+    def fresh():
+        torch.manual_seed(0)
+        return TokenMemoryDecoder.from_store(store, len(tok), tok.bos_token_id, dim=16,
+                                             n_layers=2, n_heads=4, context=16,
+                                             dropout=0.0).train()
+    mine, ref = fresh(), fresh()
+    chunks = chunk_plan(store, 16, overlap=4)[:3]
+    loss, kl, ce = training_step(mine, torch.optim.SGD(mine.parameters(), lr=0.5), store,
+                                 targets, chunks, 0.3)
+    ids, rows = chunk_batch(store, chunks, 16, tok.bos_token_id)
+    keep = rows >= 0
+    r = rows[keep]
+    want, want_kl, want_ce = memdec_loss(ref(ids)[torch.from_numpy(keep)], targets.ids[r],
+                                         targets.probs[r], np.asarray(store.values)[r], ref, 0.3)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    opt.zero_grad()
+    want.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    opt.step()
+    assert np.allclose([loss, kl, ce], [want.item(), want_kl.item(), want_ce.item()], atol=1e-6)
+    for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    assert not torch.equal(mine.head.weight, fresh().head.weight)  # a step was taken
+
+
+def _nb06_cell(defines: str) -> str:
+    """The id of notebook 06's one code cell that contains ``defines`` (e.g. "def f(")."""
+    cells = json.loads((NOTEBOOKS / NB06).read_text())["cells"]
+    found = [c["id"] for c in cells if c["cell_type"] == "code"
+             and defines in "".join(c["source"])]
+    assert len(found) == 1, f"{NB06}: expected one code cell with {defines!r}, found {len(found)}"
+    return found[0]

@@ -269,3 +269,30 @@ def test_the_chat_panel_answers_with_a_token_decoder_and_reports_its_influence(t
     assert panel.wait(60), "the answer did not finish"
     assert panel.history[-1][1] and "Done" in panel.status.value
     assert any("Memory influence" in note for note in panel.last_notes)
+
+
+def test_check_tokenizer_refuses_another_fingerprint_and_a_head_too_small():
+    from helpers.token_decoder import check_tokenizer
+
+    config = small_decoder().config
+    config.tokenizer_fingerprint, config.base_model_name = "abc", "tiny-gemma"
+    check_tokenizer(config, "abc", "the tokenizer", vocab_size=100)  # the same: accepted
+    check_tokenizer(config, None, "the tokenizer")                    # unknown: not checked
+    with pytest.raises(DecoderMismatch, match="the second model has fingerprint xyz"):
+        check_tokenizer(config, "xyz", "the second model")
+    with pytest.raises(DecoderMismatch, match="ids up to 9.*head has 8 rows"):
+        check_tokenizer(config, "abc", "the model", vocab_size=8)
+
+
+def test_second_model_auto_finds_the_saved_fine_tuned_copy_only_when_there(tmp_path,
+                                                                             monkeypatch):
+    from helpers.token_decoder import second_model_path
+
+    monkeypatch.setenv("MEMDEC_DATA_DIR", str(tmp_path))
+    assert second_model_path("auto", "quick") is None
+    assert second_model_path(None) is None
+    assert second_model_path("google/gemma-3-1b-pt") == "google/gemma-3-1b-pt"
+    folder = tmp_path / "artifacts" / "quick" / "finetuned"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert second_model_path("auto", "quick") == str(folder)
