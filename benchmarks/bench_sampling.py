@@ -16,9 +16,8 @@ size's (``--quick``: the notebooks' default, ``helpers/sizes.py``), after a
   together;
 * memdec:    ``generate(mode="memdec")``: the same plus the decoder, no search;
 * adaptive:  memdec with the α gate (skipped without a trained gate);
-* memdec_token: memdec with the token-level decoder (issue 18) that
-  ``bench_token_decoder.py`` saves next to the other decoder (skipped without
-  one): it reads token ids with its own KV cache instead of hidden states;
+* memdec_token: memdec with the token-level decoder that notebook 06 saves
+  next to the other decoder (skipped without one): it reads token ids with its own KV cache instead of hidden states;
 * original:  ``original_style_step``: the original tutorial's loop as written
   (manceps/MemoryDecoder ``app.py``): per token, no cache, a full forward
   over the whole prefix for the logits, a body-only forward for the query,
@@ -113,7 +112,7 @@ def main() -> None:
         gate = load_gate(out / "alpha_gate", decoder=decoder)
 
     token_decoder = None
-    if (out / "token_decoder" / "config.json").exists():  # bench_token_decoder.py saves one
+    if (out / "token_decoder" / "config.json").exists():  # notebook 06 saves one
         from helpers.token_decoder import load_token_decoder
         token_decoder = load_token_decoder(out / "token_decoder", tokenizer=tok, store=store)
 

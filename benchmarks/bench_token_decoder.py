@@ -10,9 +10,9 @@ the store, then reports held-out perplexity of the base model alone and
 blended with each memory (probability blend, α chosen on the validation
 articles ``ev.valid``, reported on the test articles ``ev.test``), and the
 per-token cost of a KV-cached generation step: base alone against base plus
-the token decoder.  Writes ``data/artifacts/bench_token_decoder.json`` and
-saves the trained decoder to ``data/artifacts/quick/token_decoder/`` (``--save``),
-where ``bench_sampling.py --quick`` times generation with it.
+the token decoder.  Writes ``data/artifacts/bench_token_decoder.json``;
+``--save DIR`` keeps the trained decoder (notebook 06 trains and saves the one
+``bench_sampling.py --quick`` times, in ``data/artifacts/quick/token_decoder/``).
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def main():
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--cost-steps", type=int, default=32)
-    ap.add_argument("--save", default=None, help="folder for the trained token decoder "
-                    "(default: data/artifacts/quick/token_decoder; 'none' to skip)")
+    ap.add_argument("--save", default="none", help="folder for the trained token decoder "
+                    "('none', the default: not saved; notebook 06's checkpoint is its own)")
     ap.add_argument("--json", default=None, help="write the figures here instead of "
                     "data/artifacts/bench_token_decoder.json")
     args = ap.parse_args()
@@ -118,9 +118,8 @@ def main():
                                   batch_size=args.batch_size, beta=args.beta, progress=False)
     train_s = time.perf_counter() - tic
     losses = history["loss"]
-    save = artifacts_dir(size.tag) / "token_decoder" if args.save is None else args.save
-    if str(save) != "none":
-        print(f"saved to {save_token_decoder(decoder, save)}")
+    if args.save != "none":
+        print(f"saved to {save_token_decoder(decoder, args.save)}")
     print(f"trained {args.epochs} epoch(s), {len(losses)} steps of {args.batch_size} chunks "
           f"in {train_s:.0f} s; loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}")
 
