@@ -30,8 +30,7 @@ from helpers.knn import best_alpha, perplexity
 from helpers.model import EMBEDDED_MODEL, load_base_model, weights_fingerprint
 from helpers.paths import artifacts_dir, cache_dir, read_json, write_results
 from helpers.sizes import SIZES
-from helpers.token_decoder import (TokenMemoryDecoder, init_from_base_embedding,
-                                   save_token_decoder)
+from helpers.token_decoder import TokenMemoryDecoder, save_token_decoder
 from helpers.train_decoder import _open_targets
 from helpers.train_token_decoder import token_target_probs, train_token_decoder
 
@@ -92,9 +91,6 @@ def main():
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--init", choices=["random", "base"], default="random",
-                    help="'base': start the embedding and head from the base model's token "
-                         "embedding (init_from_base_embedding)")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--cost-steps", type=int, default=32)
     ap.add_argument("--save", default="none", help="folder for the trained token decoder "
@@ -116,8 +112,6 @@ def main():
     decoder = TokenMemoryDecoder.from_store(store, model.config.vocab_size, tok.bos_token_id,
                                             dim=args.dim, n_layers=args.layers,
                                             context=args.context, dropout=args.dropout)
-    if args.init == "base":
-        init_from_base_embedding(decoder, model.get_input_embeddings().weight)
     print(f"token decoder: {decoder.count_parameters() / 1e6:.2f}M parameters, "
           f"{len(decoder.config.vocab_ids):,} tokens in its vocabulary")
     tic = time.perf_counter()

@@ -225,35 +225,6 @@ class TokenMemoryDecoder(nn.Module):
         return full
 
 
-@torch.no_grad()
-def init_from_base_embedding(decoder: TokenMemoryDecoder, base_embedding: torch.Tensor) -> None:
-    """Start the token embedding and the head from the base model's token embedding.
-
-    The rows of ``base_embedding`` ``(base_vocab_size, D)`` for the decoder's
-    vocabulary are projected on their top ``dim`` principal directions and
-    scaled to the decoder's initial spread (std 0.02), so tokens the base model
-    treats alike start alike; the unknown id keeps its random row.  Both stay
-    trainable.  A pretrained start, as the paper's memory has (it starts from a
-    small pretrained model), at the cost of one SVD.
-    """
-    c = decoder.config
-    if base_embedding.shape[0] != c.base_vocab_size:
-        raise ValueError(f"base_embedding has {base_embedding.shape[0]} rows, the decoder's "
-                         f"base vocabulary {c.base_vocab_size}; pass "
-                         "model.get_input_embeddings().weight of the model whose tokenizer "
-                         "it shares.")
-    rows = base_embedding[decoder.vocab.to(base_embedding.device)].float().cpu()  # (V, D)
-    rows = rows - rows.mean(0)
-    _, _, vh = torch.linalg.svd(rows, full_matrices=False)                     # (D, D)
-    k = min(c.dim, vh.shape[0])
-    init = torch.zeros(len(rows), c.dim)
-    init[:, :k] = rows @ vh[:k].T                                               # (V, k)
-    init *= 0.02 / init.std()
-    decoder.embed.weight[:len(rows)] = init.to(decoder.embed.weight)
-    decoder.head.weight.copy_(init.to(decoder.head.weight))
-    decoder.head.bias.zero_()
-
-
 def save_token_decoder(decoder: TokenMemoryDecoder, folder) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (``"kind": "token"``) atomically."""
     return save_checkpoint(decoder, asdict(decoder.config), folder)

@@ -297,19 +297,3 @@ def test_second_model_auto_finds_the_saved_fine_tuned_copy_only_when_there(tmp_p
     (folder / "config.json").write_text("{}")
     assert second_model_path("auto", "quick") == str(folder)
 
-
-def test_init_from_base_embedding_starts_alike_tokens_alike_and_refuses_another_vocabulary():
-    from helpers.token_decoder import init_from_base_embedding
-
-    decoder = small_decoder(vocab_ids=(3, 5, 7, 9), base_vocab_size=100)   # + bos 1
-    base = torch.randn(100, 48, generator=torch.Generator().manual_seed(0))
-    base[5] = base[3] + 0.01 * torch.randn(48)                            # 3 and 5 alike
-    unknown = decoder.embed.weight[-1].clone()
-    init_from_base_embedding(decoder, base)
-    e = decoder.embed.weight[:5]                                          # ids 1, 3, 5, 7, 9
-    assert torch.dist(e[1], e[2]) < 0.1 * torch.dist(e[1], e[3])
-    assert torch.equal(decoder.embed.weight[-1], unknown)                 # unknown id untouched
-    torch.testing.assert_close(decoder.head.weight, e)
-    assert e.std().item() == pytest.approx(0.02, rel=0.05)
-    with pytest.raises(ValueError, match="base vocabulary 100"):
-        init_from_base_embedding(decoder, torch.randn(50, 48))
