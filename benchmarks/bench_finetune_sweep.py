@@ -28,15 +28,22 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from helpers.corpus import load_corpus, split_by_document
 from helpers.finetune import finetune_body, training_windows
 from helpers.knn import base_target_probs, perplexity
 from helpers.model import EMBEDDED_MODEL, load_base_model
 from helpers.offdomain import load_offdomain, split_offdomain
-from helpers.paths import artifacts_dir, write_results
+from helpers.paths import artifacts_dir, atomic_dir, refuse_foreign, write_results
 from helpers.sizes import SIZES
+
+
+# What save_pretrained writes for a model and its tokenizer: the only names --save replaces.
+SAVED = ("config.json", "generation_config.json", "model*.safetensors*", "tokenizer*",
+         "special_tokens_map.json", "chat_template*")
 
 
 class Stop(Exception):
@@ -57,6 +64,8 @@ def main() -> None:
     size = SIZES[args.size]
     lrs = [float(x) for x in args.lrs.split(",")]
     save = (artifacts_dir(size.tag) / "finetuned" if args.save is None else args.save)
+    if str(save) != "none":  # refused now, not after the training: a folder of other files
+        refuse_foreign(Path(save), SAVED, "a fine-tuned model's")
 
     model, tok = load_base_model(EMBEDDED_MODEL, device="cpu")
     split = split_by_document(load_corpus())
@@ -75,7 +84,9 @@ def main() -> None:
           f"validation every {every} batches; base valid {base['valid']:.3f}", flush=True)
 
     runs, best = [], {"valid": base["valid"], "lr": None, "batches": 0}
-    tmp = f"{save}.tmp" if str(save) != "none" else None
+    # the best model so far, in a folder of our own; swapped into --save at the end
+    tmp = None if str(save) == "none" else Path(tempfile.mkdtemp(prefix=".finetuned-",
+                                                                 dir=artifacts_dir(size.tag)))
     for lr in lrs:
         model, _ = load_base_model(EMBEDDED_MODEL, device="cpu")
         curve, state = [], {"best": math.inf, "since": 0}
@@ -87,8 +98,7 @@ def main() -> None:
             if v < best["valid"]:
                 best.update(valid=v, lr=lr, batches=len(curve) * every)
                 if tmp:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    m.save_pretrained(tmp)
+                    m.save_pretrained(tmp)  # overwrites the previous best's files
                     tok.save_pretrained(tmp)
             state["since"] = 0 if v < state["best"] else state["since"] + 1
             state["best"] = min(state["best"], v)
@@ -118,11 +128,14 @@ def main() -> None:
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                   if v is not None)}
     if best["lr"] is not None and tmp:
-        shutil.rmtree(save, ignore_errors=True)
-        shutil.move(tmp, save)
+        with atomic_dir(Path(save), SAVED, "a fine-tuned model's") as out:
+            for f in tmp.iterdir():
+                shutil.move(str(f), out / f.name)
         tuned, _ = load_base_model(str(save), device="cpu")
         result["chosen"].update(test=ppl(tuned, test), offdomain=ppl(tuned, offdomain),
                                 saved=str(save))
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
     write_results("bench_finetune_sweep", result)
 
 

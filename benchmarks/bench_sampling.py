@@ -17,7 +17,8 @@ size's (``--quick``: the notebooks' default, ``helpers/sizes.py``), after a
 * memdec:    ``generate(mode="memdec")``: the same plus the decoder, no search;
 * adaptive:  memdec with the α gate (skipped without a trained gate);
 * memdec_token: memdec with the token-level decoder that notebook 06 saves
-  next to the other decoder (skipped without one): it reads token ids with its own KV cache instead of hidden states;
+  next to the other decoder (skipped without one): it reads token ids with its
+  own KV cache instead of hidden states;
 * original:  ``original_style_step``: the original tutorial's loop as written
   (manceps/MemoryDecoder ``app.py``): per token, no cache, a full forward
   over the whole prefix for the logits, a body-only forward for the query,
