@@ -469,6 +469,27 @@ def ms_per_token(stream) -> float:
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
 
 
+def cost_per_token(model, tokenizer, prompt: str, runs: dict, rounds: int = 1,
+                   tokens: int = 24) -> dict:
+    """Median ms per generated token of each of ``runs`` (name -> ``generate`` keywords).
+
+    Greedy, ``tokens`` cached steps after the prompt's; the modes take turns in
+    each of ``rounds`` rounds, so every mode sees the same machine load.  Used
+    by notebooks 03 and 06 for their cost column.
+    """
+    import statistics
+
+    rounds = check_int("rounds", rounds, 1, example=3)
+    tokens = check_int("tokens", tokens, 1, example=24)
+    timings = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, kw in runs.items():
+            steps = generate(model, tokenizer, prompt, temperature=0, top_k=None,
+                             max_new_tokens=tokens + 1, **kw)
+            timings[name].append(ms_per_token(steps))
+    return {name: statistics.median(v) for name, v in timings.items()}
+
+
 # --- the slow reference: how the original tutorial sampled -----------------------
 
 @torch.inference_mode()

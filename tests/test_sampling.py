@@ -493,3 +493,22 @@ def test_no_repeat_ngram_keeps_every_ngram_of_a_greedy_answer_unique(tiny, store
 def test_no_repeat_ngram_refuses_what_is_not_a_whole_number_from_zero(tiny, n):
     with pytest.raises((ValueError, TypeError), match="no_repeat_ngram"):
         gen(*tiny, no_repeat_ngram=n)
+
+
+def test_cost_per_token_gives_each_mode_the_median_of_its_rounds(tiny, monkeypatch):
+    import helpers.sampling as sampling
+
+    model, tok = tiny
+    timed = iter([5.0, 1.0, 9.0, 2.0, 6.0, 9.0])   # base, memory, base, memory, base, memory
+    calls = []
+
+    def fake_ms(stream):
+        calls.append(len(list(stream)))             # the stream is generated for real
+        return next(timed)
+    monkeypatch.setattr(sampling, "ms_per_token", fake_ms)
+    runs = {"base": dict(mode="base"), "memory": dict(mode="base", alpha=0.5)}
+    cost = sampling.cost_per_token(model, tok, "Article 1", runs, rounds=3, tokens=3)
+    assert cost == {"base": 6.0, "memory": 2.0}   # medians of the interleaved rounds
+    assert len(calls) == 6 and all(n <= 4 for n in calls)
+    with pytest.raises(ValueError, match="rounds"):
+        sampling.cost_per_token(model, tok, "Article 1", runs, rounds=0)
