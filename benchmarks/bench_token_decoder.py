@@ -1,6 +1,6 @@
 """Benchmark: the token-level Memory Decoder (issue 18) on the quick store's cached targets.
 
-    PYTHONPATH=. python benchmarks/bench_token_decoder.py [--epochs 1] [--dim 256]
+    PYTHONPATH=. python benchmarks/bench_token_decoder.py [--epochs 2] [--batch-size 1] [--heads 8]
 
 Reads what a quick ``make tutorial`` left (the quick datastore, its kNN
 targets ``targets_k256_t300/``, the cached held-out pass, and the quick
@@ -84,14 +84,15 @@ def step_seconds(model, decoder, prompt: torch.Tensor, steps: int) -> tuple[floa
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch-size", type=int, default=8, help="chunks of --context tokens")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=1, help="chunks of --context tokens")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--cost-steps", type=int, default=32)
     ap.add_argument("--save", default="none", help="folder for the trained token decoder "
                     "('none', the default: not saved; notebook 06's checkpoint is its own)")
@@ -111,6 +112,7 @@ def main():
     torch.manual_seed(0)
     decoder = TokenMemoryDecoder.from_store(store, model.config.vocab_size, tok.bos_token_id,
                                             dim=args.dim, n_layers=args.layers,
+                                            n_heads=args.heads,
                                             context=args.context, dropout=args.dropout)
     print(f"token decoder: {decoder.count_parameters() / 1e6:.2f}M parameters, "
           f"{len(decoder.config.vocab_ids):,} tokens in its vocabulary")

@@ -98,12 +98,12 @@ SIZES = {
                   offdomain_docs=10, blend_points=6, epochs=3, window=1, lr=3e-3,
                   dropout=0.1, max_steps=None, ablation_epochs=0, layer_train_docs=30, layer_query_docs=10,
                   layer_max_tokens=128, throughput_docs=16, max_new_tokens=24, cost_rounds=1,
-                  token_epochs=2, token_lr=3e-3),
+                  token_epochs=2, token_lr=1e-3),
     "full": Size("full", train_every=1, train_docs=None, eval_docs=None, eval_tokens=None,
                  offdomain_docs=None, blend_points=11, epochs=4, window=4, lr=3e-3,
                  dropout=0.0, max_steps=None, ablation_epochs=4, layer_train_docs=60, layer_query_docs=20,
                  layer_max_tokens=192, throughput_docs=32, max_new_tokens=40, cost_rounds=3,
-                 token_epochs=3, token_lr=3e-3),
+                 token_epochs=4, token_lr=1e-3),
 }
 
 

@@ -56,7 +56,7 @@ class TokenDecoderConfig:
     bos_id: int | None = None   # token at position 0 of every stored text (Gemma: <bos>)
     dim: int = 256              # width of the residual stream
     n_layers: int = 6           # transformer blocks
-    n_heads: int = 32           # attention heads; must divide dim
+    n_heads: int = 8            # attention heads; must divide dim (8 of 32 dims at 256)
     context: int = 256          # most positions read at once (learned position table)
     dropout: float = 0.1        # dropout on the residual branches while training
     base_model_name: str | None = None        # the model whose store taught it (a note only)
@@ -64,7 +64,7 @@ class TokenDecoderConfig:
     kind: str = KIND            # "token"; hidden-state checkpoints have no "kind"
 
     def __post_init__(self):
-        examples = {"base_vocab_size": 262144, "dim": 256, "n_layers": 6, "n_heads": 32,
+        examples = {"base_vocab_size": 262144, "dim": 256, "n_layers": 6, "n_heads": 8,
                     "context": 256}
         for name, example in examples.items():
             setattr(self, name, check_int(name, getattr(self, name), 1, example=example))

@@ -133,6 +133,23 @@ def test_chunks_cover_every_row_once_and_agree_with_token_windows(tiny_store):
     assert ids[b, :t + 1].tolist()[-4:] == window[0, :at[0] + 1].tolist()[-4:]
 
 
+def test_a_batch_is_as_wide_as_its_longest_chunk_and_logits_do_not_change(tiny_store):
+    store, _, tok = tiny_store
+    plan = chunk_plan(store, context=24, overlap=4)
+    lengths = plan[:, 3] - plan[:, 1]
+    short = plan[lengths < lengths.max()][:2]               # chunks shorter than the longest
+    assert len(short) == 2
+    ids, rows = chunk_batch(store, short, 24, tok.bos_token_id)
+    assert ids.shape == rows.shape == (2, (short[:, 3] - short[:, 1]).max())
+    assert ids.shape[1] < 24
+    assert chunk_batch(store, plan, 24, tok.bos_token_id)[0].shape[1] == lengths.max()
+    decoder = store_decoder(store, tok, context=24).eval()
+    padded = torch.full((2, 24), -1)                        # the same chunks padded to 24
+    padded[:, :ids.shape[1]] = ids
+    with torch.no_grad():
+        assert torch.allclose(decoder(ids), decoder(padded)[:, :ids.shape[1]], atol=1e-5)
+
+
 def test_a_few_training_steps_lower_the_loss(tiny_store):
     store, targets, tok = tiny_store
     decoder = store_decoder(store, tok)
