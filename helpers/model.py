@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,14 +86,44 @@ def _assemble_gguf() -> Path:
     return target
 
 
+@contextmanager
+def _gguf_read_once():
+    """Within the block, every ``gguf.GGUFReader(path)`` of the same file is one object.
+
+    transformers reads the GGUF's header for the tokenizer, again for the
+    config and again for the weights, and each read parses its 262,144 token
+    strings one by one: about 35 s each on 2 cores, 110 of the conversion's
+    120 s (dequantizing the weights takes 6).  transformers imports
+    ``GGUFReader`` from ``gguf`` when it loads, so the shared reader replaces it
+    there for this block only; the reader is read-only (a memory map).  Another
+    transformers that reads the file some other way is only slower, not wrong.
+    """
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _convert_embedded(target: Path) -> None:
     """Dequantize the GGUF once and save it as safetensors + tokenizer files."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _assemble_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses save_pretrained while the GGUF quantizer is attached,
     # because it cannot write GGUF back.  But the tensors in memory are already
     # plain float32 (dequantized on load), so saving *those* is exact: the

@@ -67,3 +67,38 @@ def test_interrupted_gguf_assembly_leaves_no_partial_file(data_dir, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         model_mod._assemble_gguf()
     assert list((data_dir / "cache" / "gguf").iterdir()) == []
+
+
+def test_conversion_reads_the_gguf_header_once_however_often_transformers_asks(tmp_path):
+    """transformers parses the GGUF header per call (35 s each for Gemma's 262,144 tokens)."""
+    import gguf
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_uint32("gemma3.block_count", 1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    original, made = gguf.GGUFReader, []
+
+    class Counting(original):
+        def __init__(self, *args, **kwargs):
+            made.append(args)
+            super().__init__(*args, **kwargs)
+
+    gguf.GGUFReader = Counting
+    try:
+        with model_mod._gguf_read_once():
+            first = load_gguf_checkpoint(str(path))            # as for the tokenizer
+            again = load_gguf_checkpoint(str(path))            # and for the config
+        assert len(made) == 1 and first["config"] == again["config"]
+        assert gguf.GGUFReader is Counting                     # restored after the block
+        load_gguf_checkpoint(str(path))
+        assert len(made) == 2                                  # outside it: read again
+    finally:
+        gguf.GGUFReader = original
