@@ -147,3 +147,30 @@ def test_best_alpha_picks_alpha_on_validation_rows_and_reports_test_rows():
     assert best_alpha(p_base, p_mem, test, valid, alphas)[0] == 0.0  # the other way round
     with pytest.raises(ValueError, match="same tokens"):
         best_alpha(p_base, p_mem[:3], valid, test, alphas)
+
+
+@pytest.mark.parametrize("choice", ["torch", "numpy"])
+def test_head_logits_are_the_heads_product_with_either_blas(tiny, monkeypatch, choice):
+    from helpers import knn
+
+    model, tok = tiny
+    weight = model.get_output_embeddings().weight
+    key = (tuple(weight.shape), str(weight.device), str(weight.dtype))
+    monkeypatch.setitem(knn._HEAD_BACKEND, key, {"choice": choice, "seconds": {}})
+    keys = np.random.default_rng(0).standard_normal((2, 3, weight.shape[1])).astype(np.float32)
+    got = knn.head_logits(model, keys)
+    assert got.shape == (2, 3, weight.shape[0]) and got.dtype == torch.float32
+    want = model.get_output_embeddings()(torch.from_numpy(keys))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_head_backend_is_measured_once_per_shape_and_torch_off_the_cpus_float32(monkeypatch):
+    from helpers import knn
+
+    monkeypatch.setattr(knn, "_HEAD_BACKEND", {})
+    weight = torch.randn(50, 8)
+    first = knn.head_backend(weight)
+    assert first["choice"] == min(first["seconds"], key=first["seconds"].get)
+    assert set(first["seconds"]) == {"torch", "numpy"}
+    assert knn.head_backend(torch.randn(50, 8)) is first       # same shape: not measured again
+    assert knn.head_backend(weight.double()) == {"choice": "torch", "seconds": {}}
