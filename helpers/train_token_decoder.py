@@ -140,8 +140,8 @@ def train_token_decoder(decoder: TokenMemoryDecoder, store, targets: KnnTargets,
     """Train on every store row, ``batch_size`` chunks a step; keep the best weights.
 
     One chunk a step (the default) is what fits a small store: at the quick
-    size, in the same time, 530 steps of one chunk gave a test perplexity of
-    8.43 where 68 steps of eight gave 10.03 (``bench_token_decoder.py``).
+    size, 2 epochs of 402 steps of one chunk gave a test perplexity of 8.70
+    (60 s), 52 steps of eight 10.12 (46 s) (``bench_token_decoder.py``).
 
     ``bos_id`` defaults to the decoder's ``config.bos_id``.  ``eval_fn(decoder)
     -> float`` (lower is better) runs after each epoch and picks the weights
