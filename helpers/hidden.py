@@ -61,6 +61,7 @@ class Extraction:
     token_ids: list = field(repr=False)  # per text: all its token ids
     seconds: float = 0.0      # wall time of the forward passes
     tokens_processed: int = 0  # tokens fed to the model (incl. overlap, no pad)
+    tokens_computed: int = 0   # positions the model ran: batches x their width (pad incl.)
 
     @property
     def tokens_per_second(self) -> float:
@@ -155,7 +156,7 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
         batches = tqdm(batches, desc="extracting", unit="batch")
     drop_mask = fast and not getattr(model.config.get_text_config(),
                                      "use_bidirectional_attention", False)
-    seconds, processed = 0.0, 0
+    seconds, processed, computed = 0.0, 0, 0
     with fast_forward(model, enabled=fast):
         for batch in batches:
             rows = [([bos] if prepend and s > 0 else []) + ids[d][s:e] for d, s, e, _ in batch]
@@ -171,6 +172,7 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
             h = h.float().cpu().numpy()
             seconds += time.perf_counter() - tic
             processed += int(mask.sum())
+            computed += inp.numel()
             for r, (d, s, e, first) in enumerate(batch):
                 shift = 1 if prepend and s > 0 else 0
                 # the key for target t sits at input index (t - 1 - s) + shift
@@ -179,7 +181,7 @@ def extract_keys(model, tokenizer, texts: list[str], layer: int = -1,
     values = np.concatenate([np.asarray(s[1:], np.int64) for s in ids])
     doc = np.concatenate([np.full(len(s) - 1, d, np.int32) for d, s in enumerate(ids)])
     pos = np.concatenate([np.arange(len(s) - 1, dtype=np.int32) for s in ids])
-    return Extraction(keys, values, doc, pos, ids, seconds, processed)
+    return Extraction(keys, values, doc, pos, ids, seconds, processed, computed)
 
 
 @torch.inference_mode()

@@ -56,6 +56,18 @@ def test_length_sorting_and_batch_size_do_not_change_keys(tiny):
     np.testing.assert_allclose(a.keys, b.keys, atol=1e-5)
 
 
+def test_sorting_cuts_the_padding_it_reports(tiny):
+    model, tok = tiny
+    texts = [" ".join(TEXTS[:n + 1]) for n in range(len(TEXTS))] * 2   # lengths vary
+    runs = {sort: extract_keys(model, tok, texts, window=64, overlap=8, batch_size=2,
+                               sort_by_length=sort) for sort in (False, True)}
+    real = runs[True].tokens_processed
+    assert runs[False].tokens_processed == real
+    one = extract_keys(model, tok, texts, window=64, overlap=8, batch_size=1)
+    assert one.tokens_computed == real                       # one row a batch: no padding
+    assert real <= runs[True].tokens_computed < runs[False].tokens_computed
+
+
 def test_bf16_autocast_keys_are_close_to_fp32_but_computed_in_bf16(tiny):
     model, tok = tiny
     texts = TEXTS + [" ".join(TEXTS * 3)]  # one window longer than an attention block
