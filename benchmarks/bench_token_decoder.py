@@ -1,6 +1,7 @@
 """Benchmark: the token-level Memory Decoder (issue 18) on the quick store's cached targets.
 
     PYTHONPATH=. python benchmarks/bench_token_decoder.py [--epochs 2] [--batch-size 1] [--heads 8]
+    PYTHONPATH=. python benchmarks/bench_token_decoder.py --start base --layers 2 --lr 1e-3
 
 Reads what a quick ``make tutorial`` left (the quick datastore, its kNN
 targets ``targets_k256_t300/``, the cached held-out pass, and the quick
@@ -87,6 +88,9 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=1, help="chunks of --context tokens")
+    ap.add_argument("--start", choices=("scratch", "base"), default="scratch",
+                    help="'base': start from the base model's first --layers layers "
+                    "(TokenMemoryDecoder.from_base_model); 'scratch': own blocks of --dim")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=8)
@@ -110,10 +114,15 @@ def main():
           f"{int(ev.test.sum()):,} test)")
 
     torch.manual_seed(0)
-    decoder = TokenMemoryDecoder.from_store(store, model.config.vocab_size, tok.bos_token_id,
-                                            dim=args.dim, n_layers=args.layers,
-                                            n_heads=args.heads,
-                                            context=args.context, dropout=args.dropout)
+    if args.start == "base":
+        decoder = TokenMemoryDecoder.from_base_model(model, store, tok.bos_token_id,
+                                                     n_layers=args.layers,
+                                                     context=args.context, dropout=args.dropout)
+    else:
+        decoder = TokenMemoryDecoder.from_store(store, model.config.vocab_size,
+                                                tok.bos_token_id, dim=args.dim,
+                                                n_layers=args.layers, n_heads=args.heads,
+                                                context=args.context, dropout=args.dropout)
     print(f"token decoder: {decoder.count_parameters() / 1e6:.2f}M parameters, "
           f"{len(decoder.config.vocab_ids):,} tokens in its vocabulary")
     tic = time.perf_counter()

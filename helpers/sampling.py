@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .knn import knn_distribution, lookup_values, search
-from .token_decoder import TokenMemoryDecoder
+from .token_decoder import TokenMemoryDecoder, cache_length
 from .validate import check_float, check_int, check_str
 
 MODES = ("base", "knn", "memdec")
@@ -359,7 +359,7 @@ def _token_memory(decoder: TokenMemoryDecoder):
         new = [int(i) for i in new_ids[0]]
         state["ids"].extend(new)
         cache = state["cache"]
-        read = 0 if cache is None else cache[0][0].shape[2]  # positions in the cache
+        read = cache_length(cache)                            # positions in the cache
         if cache is None or read + len(new) > ctx:
             keep = state["ids"][-(ctx if cache is None else ctx // 2):]
             logits, state["cache"] = decoder.step(torch.tensor([keep], device=device))

@@ -8,13 +8,13 @@ datastore, and an override such as ``--param NUM_EPOCHS=3`` still wins.
 * **quick** (default): one training article in five (73 of 364), the first 192
   tokens of each of the 40 held-out articles (and of 10 off-domain documents
   per source), 3 epochs of the original's ``W = 1`` decoder at lr 3e-3, and 2 of notebook 06's
-  token decoder.  Each notebook runs in a few minutes on 2 CPU cores and still shows its lesson
+  token decoder (lr 5e-4 from the base model's first layers, 1e-3 from scratch).  Each notebook runs in a few minutes on 2 CPU cores and still shows its lesson
   in its own numbers.
 * **full** (``FULL = True``): the whole training split, whole held-out
   articles, 4 epochs of the ``W = 4`` decoder at lr 3e-3 without dropout (18
   minutes on 2 cores; it was 12 epochs at lr 1e-3 with dropout 0.1, 55
   minutes), and ``W = 1`` trained the same way for notebook 03's comparison:
-  the README's full table.  Notebook 06's token decoder: 3 epochs (not yet measured at
+  the README's full table.  Notebook 06's token decoder: 4 epochs (not yet measured at
   this size).
 * **smoke** (``MEMDEC_SMOKE=1``, the tests): a dozen articles, seconds.
 
@@ -49,7 +49,8 @@ class Size:
     max_new_tokens: int            # generated tokens in notebooks 04 and 05
     cost_rounds: int               # timing rounds of the per-token cost, notebook 03
     token_epochs: int              # epochs of notebook 06's token-level decoder
-    token_lr: float                # its peak learning rate
+    token_lr: float                # its peak learning rate, started from scratch
+    token_base_lr: float           # ... started from the base model's first layers
 
     @property
     def tag(self) -> str:
@@ -93,17 +94,17 @@ SIZES = {
                   offdomain_docs=3, blend_points=6, epochs=1, window=4, lr=1e-3,
                   dropout=0.1, max_steps=40, ablation_epochs=1, layer_train_docs=8, layer_query_docs=4,
                   layer_max_tokens=64, throughput_docs=6, max_new_tokens=8, cost_rounds=1,
-                  token_epochs=1, token_lr=2e-3),
+                  token_epochs=1, token_lr=2e-3, token_base_lr=2e-3),
     "quick": Size("quick", train_every=5, train_docs=None, eval_docs=None, eval_tokens=192,
                   offdomain_docs=10, blend_points=6, epochs=3, window=1, lr=3e-3,
                   dropout=0.1, max_steps=None, ablation_epochs=0, layer_train_docs=30, layer_query_docs=10,
                   layer_max_tokens=128, throughput_docs=16, max_new_tokens=24, cost_rounds=1,
-                  token_epochs=2, token_lr=1e-3),
+                  token_epochs=2, token_lr=1e-3, token_base_lr=5e-4),
     "full": Size("full", train_every=1, train_docs=None, eval_docs=None, eval_tokens=None,
                  offdomain_docs=None, blend_points=11, epochs=4, window=4, lr=3e-3,
                  dropout=0.0, max_steps=None, ablation_epochs=4, layer_train_docs=60, layer_query_docs=20,
                  layer_max_tokens=192, throughput_docs=32, max_new_tokens=40, cost_rounds=3,
-                 token_epochs=4, token_lr=1e-3),
+                 token_epochs=4, token_lr=1e-3, token_base_lr=5e-4),
 }
 
 

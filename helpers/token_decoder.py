@@ -32,6 +32,7 @@ the one it was trained with, and a hidden-state checkpoint.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from .paths import CorruptFile, load_weights, read_json, save_checkpoint
 from .validate import ArgumentTypeError, check_float, check_int
 
 KIND = "token"
+TRUNKS = ("own", "base")
 NOTEBOOK = "notebooks/06 (token-level Memory Decoder, issue 18)"
 
 
@@ -62,8 +64,24 @@ class TokenDecoderConfig:
     base_model_name: str | None = None        # the model whose store taught it (a note only)
     tokenizer_fingerprint: str | None = None  # helpers.model.tokenizer_fingerprint
     kind: str = KIND            # "token"; hidden-state checkpoints have no "kind"
+    trunk: str = "own"          # "own": blocks above; "base": a base model's first layers
+    trunk_config: dict | None = None  # trunk "base": its transformers config (truncated)
 
     def __post_init__(self):
+        if self.trunk not in TRUNKS:
+            raise ValueError(f"trunk must be one of {TRUNKS}; got {self.trunk!r}. 'own' builds "
+                             "the decoder's own blocks, 'base' starts from a base model's "
+                             "first layers (TokenMemoryDecoder.from_base_model).")
+        if self.trunk == "base":
+            tc = self.trunk_config
+            if not isinstance(tc, dict) or "model_type" not in tc:
+                raise ValueError("trunk='base' needs trunk_config, the transformers config "
+                                 "of the base model's first layers; build the decoder with "
+                                 "TokenMemoryDecoder.from_base_model(model, store, ...).")
+            # the shape is the base model's: width, layers and heads follow its config
+            self.dim, self.n_layers, self.n_heads = (
+                tc.get("hidden_size"), tc.get("num_hidden_layers"),
+                tc.get("num_attention_heads"))
         examples = {"base_vocab_size": 262144, "dim": 256, "n_layers": 6, "n_heads": 8,
                     "context": 256}
         for name, example in examples.items():
@@ -72,7 +90,7 @@ class TokenDecoderConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}. Pass e.g. "
                              "dropout=0.1.")
-        if self.dim % self.n_heads:
+        if self.trunk == "own" and self.dim % self.n_heads:
             fits = [h for h in (1, 2, 4, 8, 16, 32) if self.dim % h == 0]
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                              f"change dim or pick n_heads from {fits}.")
@@ -152,13 +170,20 @@ class TokenMemoryDecoder(nn.Module):
         self.config = c = config
         V = len(c.vocab_ids)
         self.unknown = V                                       # the shared unknown id
-        self.embed = nn.Embedding(V + 1, c.dim)                # (V + 1, dim), last = unknown
-        self.pos = nn.Parameter(0.02 * torch.randn(c.context, c.dim))  # (context, dim)
-        self.blocks = nn.ModuleList(Block(c.dim, c.n_heads, c.dropout)
-                                    for _ in range(c.n_layers))
-        self.norm = nn.LayerNorm(c.dim)
-        self.head = nn.Linear(c.dim, V)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        if c.trunk == "base":     # a base model's first layers; embedding = head (tied)
+            self.trunk = _base_trunk(c.trunk_config)
+            self.embed = self.trunk.get_input_embeddings()     # (V + 1, dim), last = unknown
+            self.softcap = c.trunk_config.get("final_logit_softcapping")
+            params = inspect.signature(self.trunk.forward).parameters  # transformers 5: "cache"
+            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        else:
+            self.embed = nn.Embedding(V + 1, c.dim)            # (V + 1, dim), last = unknown
+            self.pos = nn.Parameter(0.02 * torch.randn(c.context, c.dim))  # (context, dim)
+            self.blocks = nn.ModuleList(Block(c.dim, c.n_heads, c.dropout)
+                                        for _ in range(c.n_layers))
+            self.norm = nn.LayerNorm(c.dim)
+            self.head = nn.Linear(c.dim, V)
+            nn.init.normal_(self.embed.weight, std=0.02)
         column = torch.full((c.base_vocab_size,), V, dtype=torch.long)
         column[c.vocab_ids] = torch.arange(V)
         # base token id -> compact id (V = unknown); rebuilt from the config, never saved
@@ -171,6 +196,49 @@ class TokenMemoryDecoder(nn.Module):
                    **knobs) -> "TokenMemoryDecoder":
         """A fresh decoder over ``store``'s tokens (see ``TokenDecoderConfig.from_store``)."""
         return cls(TokenDecoderConfig.from_store(store, base_vocab_size, bos_id, **knobs))
+
+    @classmethod
+    def from_base_model(cls, model, store, bos_id: int | None, n_layers: int = 2,
+                        context: int = 256, dropout: float = 0.0) -> "TokenMemoryDecoder":
+        """A decoder that starts from ``model``'s first ``n_layers`` layers (the paper's start).
+
+        Cao et al. start their memory from a small pretrained model of the family
+        (GPT2-small for GPT-2).  Here: ``model``'s embedding rows of the store's
+        tokens (plus their mean for the unknown id), its first ``n_layers``
+        transformer layers and its final norm, and the embedding as the head
+        (tied, as in Gemma).  It still reads only token ids, so it plugs into
+        any model with the same tokenizer.  The weights are copies: training it
+        leaves ``model`` unchanged.
+        """
+        text = model.config.get_text_config()
+        total = int(getattr(text, "num_hidden_layers"))
+        n_layers = check_int("n_layers", n_layers, 1, total, example=2)
+        d = text.to_dict()
+        for key in _NOT_COPIED:
+            d.pop(key, None)
+        vocab = TokenDecoderConfig.from_store(store, text.vocab_size, bos_id).vocab_ids
+        d.update(num_hidden_layers=n_layers, vocab_size=len(vocab) + 1, pad_token_id=None,
+                 attention_dropout=float(dropout), use_cache=True)
+        if d.get("layer_types"):
+            d["layer_types"] = list(d["layer_types"][:n_layers])
+        decoder = cls(TokenDecoderConfig.from_store(store, text.vocab_size, bos_id,
+                                                    context=context, dropout=dropout,
+                                                    trunk="base", trunk_config=d))
+        source = {k: v.detach() for k, v in model.get_decoder().state_dict().items()}
+        own = decoder.trunk.state_dict()
+        missing = [k for k in own if k != "embed_tokens.weight" and
+                   (k not in source or source[k].shape != own[k].shape)]
+        if missing:
+            raise ValueError(f"{type(model).__name__}'s layers do not fit the truncated copy "
+                             f"(no {missing[:3]}); use trunk='own' (TokenMemoryDecoder."
+                             "from_store) for this model.")
+        weights = {k: source[k].to(own[k].dtype).cpu() for k in own if k in source
+                   and k != "embed_tokens.weight"}
+        E = model.get_input_embeddings().weight.detach().float().cpu()   # (base V, dim)
+        rows = torch.tensor(decoder.config.vocab_ids)
+        weights["embed_tokens.weight"] = torch.cat([E[rows], E.mean(0, keepdim=True)])
+        decoder.trunk.load_state_dict(weights, strict=True)
+        return decoder
 
     def count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -187,17 +255,25 @@ class TokenMemoryDecoder(nn.Module):
         col = self.compact(token_ids)
         return torch.where(col == self.unknown, -1, col)
 
-    def _run(self, ids: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
+    def _run(self, ids: torch.Tensor, cache, use_cache: bool = True):
         if ids.ndim != 2:
             raise ValueError(f"ids must have shape (B, T) = (batch, tokens); got "
                              f"{tuple(ids.shape)}. Add a batch axis: ids[None].")
-        P = 0 if not cache else cache[0][0].shape[2]
+        P = cache_length(cache)
         n, ctx = ids.shape[1], self.config.context
         if P + n > ctx:
             raise ValueError(f"the token decoder reads at most {ctx} positions; got "
                              f"{P + n}. Keep the last {ctx} tokens (start a new cache on "
                              "them) or build it with a larger context.")
         x = self.compact(ids.to(self.column.device))                      # (B, n)
+        if self.config.trunk == "base":
+            out = self.trunk(input_ids=x, use_cache=use_cache, **{self._cache_arg: cache})
+            h = out["last_hidden_state"]                                  # (B, n, dim), normed
+            logits = F.linear(h, self.embed.weight[:self.unknown])        # (B, n, V) tied head
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits, (out["cache"] if "cache" in out else out["past_key_values"]) \
+                if use_cache else None
         h = self.embed(x) + self.pos[P:P + n]                             # (B, n, dim)
         out = []
         for i, block in enumerate(self.blocks):
@@ -206,13 +282,15 @@ class TokenMemoryDecoder(nn.Module):
         return self.head(self.norm(h)), out                               # (B, n, V)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._run(torch.as_tensor(ids), None)[0]
+        return self._run(torch.as_tensor(ids), None, use_cache=False)[0]
 
-    def step(self, ids_new, cache: list | None = None) -> tuple[torch.Tensor, list]:
+    def step(self, ids_new, cache=None) -> tuple[torch.Tensor, object]:
         """Logits ``(B, V)`` after the last of ``ids_new (B, n)``, and the grown cache.
 
         ``cache=None`` starts a sequence (the prompt); then feed one token at
-        a time.  Same result as ``forward`` on the whole sequence.
+        a time.  Same result as ``forward`` on the whole sequence.  The cache is
+        a list of ``(k, v)`` per block (trunk ``"own"``) or transformers' cache
+        (trunk ``"base"``); ``cache_length(cache)`` is the positions it holds.
         """
         logits, cache = self._run(torch.as_tensor(ids_new), cache)
         return logits[:, -1], cache
@@ -223,6 +301,33 @@ class TokenMemoryDecoder(nn.Module):
         full = logp.new_full((*logp.shape[:-1], self.config.base_vocab_size), floor)
         full[..., self.vocab] = logp
         return full
+
+
+# keys of the base model's config that do not describe its first layers' shape
+_NOT_COPIED = ("quantization_config", "dtype", "torch_dtype", "architectures", "auto_map",
+               "_name_or_path", "transformers_version", "id2label", "label2id")
+
+
+def _base_trunk(trunk_config: dict):
+    """The transformers body (no head) that ``trunk_config`` describes, float32, SDPA."""
+    from transformers import AutoConfig, AutoModel
+    d = dict(trunk_config)
+    try:
+        config = AutoConfig.for_model(d.pop("model_type"), **d)
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"trunk_config does not describe a transformers model ({err}); "
+                         "build the decoder with TokenMemoryDecoder.from_base_model(model, "
+                         "store, ...) or use trunk='own'.") from None
+    return AutoModel.from_config(config, attn_implementation="sdpa").float()
+
+
+def cache_length(cache) -> int:
+    """Positions a token decoder's cache holds (``None``: 0)."""
+    if cache is None or (isinstance(cache, (list, tuple)) and not cache):
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[2])
 
 
 def save_token_decoder(decoder: TokenMemoryDecoder, folder) -> Path:

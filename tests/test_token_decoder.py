@@ -314,3 +314,90 @@ def test_second_model_auto_finds_the_saved_fine_tuned_copy_only_when_there(tmp_p
     (folder / "config.json").write_text("{}")
     assert second_model_path("auto", "quick") == str(folder)
 
+
+
+# --- a pretrained start: the base model's first layers (trunk "base") --------------------
+
+def base_start(tiny, tiny_store, n_layers=1, context=16):
+    model, tok = tiny
+    return TokenMemoryDecoder.from_base_model(model, tiny_store[0], tok.bos_token_id,
+                                              n_layers=n_layers, context=context).eval()
+
+
+def test_a_base_start_computes_the_base_models_first_layers_then_its_norm_and_head(
+        tiny, tiny_store):
+    """Untrained, it is the base model cut after ``n_layers`` layers: its hidden state
+    there, the final norm, the tied head's rows of the store's tokens."""
+    model, tok = tiny
+    decoder = base_start(tiny, tiny_store, n_layers=1)
+    assert decoder.config.trunk == "base" and decoder.config.n_layers == 1
+    assert decoder.config.dim == model.config.hidden_size
+    ids = torch.tensor([[tok.bos_token_id] + tok("the data subject shall")["input_ids"][1:]])
+    with torch.no_grad():
+        h = model.model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        want = torch.nn.functional.linear(model.model.norm(h),
+                                          model.get_input_embeddings().weight)
+        got = decoder(ids)
+    assert set(ids[0].tolist()) <= set(decoder.config.vocab_ids)  # no unknown id read
+    torch.testing.assert_close(got, want[..., decoder.vocab], atol=1e-5, rtol=1e-5)
+
+
+def test_a_base_start_copies_the_weights_and_training_leaves_the_base_model_unchanged(
+        tiny, tiny_store):
+    model, tok = tiny
+    store, targets, _ = tiny_store
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    decoder = base_start(tiny, tiny_store)
+    history = train_token_decoder(decoder, store, targets, epochs=12, batch_size=4, lr=1e-2,
+                                  overlap=4, progress=False)
+    assert np.mean(history["loss"][-3:]) < 0.7 * np.mean(history["loss"][:3])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_base_starts_kv_cached_steps_equal_the_full_forward_and_the_context_is_kept(
+        tiny, tiny_store):
+    from helpers.token_decoder import cache_length
+    decoder = base_start(tiny, tiny_store, n_layers=2, context=8)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        full = decoder(ids)
+        logits, cache = decoder.step(ids[:, :3])
+        worst = (logits - full[:, 2]).abs().max()
+        for t in range(3, 8):
+            logits, cache = decoder.step(ids[:, t:t + 1], cache)
+            worst = max(worst, (logits - full[:, t]).abs().max())
+        assert worst < 1e-5 and cache_length(cache) == 8
+        with pytest.raises(ValueError, match="reads at most 8 positions"):
+            decoder.step(ids[:, :1], cache)
+
+
+def test_a_base_start_saves_loads_and_generates_without_the_base_model(tiny, tiny_store,
+                                                                        tmp_path):
+    """The checkpoint holds the truncated config: loading needs no base model, and the
+    memory still plugs into a second model with the same tokenizer."""
+    from helpers.sampling import generate_text
+    from tests.conftest import make_model
+    model, tok = tiny
+    decoder = base_start(tiny, tiny_store)
+    save_token_decoder(decoder, tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert config["trunk"] == "base" and config["trunk_config"]["num_hidden_layers"] == 1
+    loaded = load_token_decoder(tmp_path / "tok", tokenizer=tok, store=tiny_store[0])
+    ids = torch.tensor([[tok.bos_token_id, 5, 6, 7]])
+    torch.testing.assert_close(loaded(ids), decoder(ids))
+    other = make_model(len(tok), seed=1)
+    kw = dict(mode="memdec", decoder=loaded, alpha=1.0, temperature=0, top_k=None,
+              max_new_tokens=5)
+    assert generate_text(model, tok, "the data subject", **kw)[0] == \
+        generate_text(other, tok, "the data subject", **kw)[0]
+
+
+def test_a_base_start_refuses_more_layers_than_the_model_has_and_a_bad_trunk(tiny,
+                                                                              tiny_store):
+    with pytest.raises(ValueError, match="n_layers"):
+        base_start(tiny, tiny_store, n_layers=3)          # the tiny model has 2
+    with pytest.raises(ValueError, match="trunk must be one of"):
+        TokenDecoderConfig(base_vocab_size=100, vocab_ids=[3], trunk="gemma")
+    with pytest.raises(ValueError, match="from_base_model"):
+        TokenDecoderConfig(base_vocab_size=100, vocab_ids=[3], trunk="base")
