@@ -13,6 +13,15 @@ tokenizer can be blended with it, unchanged::
       -> n_layers pre-LayerNorm causal blocks -> LayerNorm -> head
       -> logits (B, T, V)       V = len(vocab_ids)
 
+**A pretrained start** (``trunk="base"``, ``TokenMemoryDecoder.from_base_model``):
+instead of its own blocks, the decoder copies a base model's first
+``n_layers`` transformer layers and final norm, and takes the embedding rows
+of the compact vocabulary (their mean for the unknown id) as input and tied
+head -- the paper starts its memory from a small pretrained model of the family.
+Its checkpoint holds the truncated transformers config (``trunk_config``), so
+loading it needs no base model.  Quick size: test perplexity 6.87 blended with
+Gemma 3 270M from its first 2 layers, 8.70 from scratch (notebook 06).
+
 The vocabulary is compact: ``vocab_ids`` are the datastore's distinct next
 tokens plus the token every stored text starts with (``bos_id``); every other
 base id -- including ids outside ``[0, base_vocab_size)`` -- reads one shared
