@@ -401,3 +401,25 @@ def test_a_base_start_refuses_more_layers_than_the_model_has_and_a_bad_trunk(tin
         TokenDecoderConfig(base_vocab_size=100, vocab_ids=[3], trunk="gemma")
     with pytest.raises(ValueError, match="from_base_model"):
         TokenDecoderConfig(base_vocab_size=100, vocab_ids=[3], trunk="base")
+
+
+def test_a_base_start_works_for_gemma_1_the_hub_default_google_gemma_2b(tiny_store):
+    """google/gemma-2b (Gemma 1, no layer_types, another model class) through the same code:
+    the cut model's logits, and a checkpoint that loads without it."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    tok = tiny_store[2]
+    torch.manual_seed(0)
+    gemma1 = GemmaForCausalLM(GemmaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)).eval()
+    decoder = TokenMemoryDecoder.from_base_model(gemma1, tiny_store[0], tok.bos_token_id,
+                                                 n_layers=2, context=16).eval()
+    ids = torch.tensor([[tok.bos_token_id] + tok("the data subject shall")["input_ids"][1:]])
+    with torch.no_grad():
+        h = gemma1.model(input_ids=ids, output_hidden_states=True).hidden_states[2]
+        want = torch.nn.functional.linear(gemma1.model.norm(h),
+                                          gemma1.get_input_embeddings().weight)
+        torch.testing.assert_close(decoder(ids), want[..., decoder.vocab], atol=1e-5,
+                                   rtol=1e-5)
+    assert decoder.config.trunk_config["model_type"] == "gemma"
