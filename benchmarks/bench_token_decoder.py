@@ -1,9 +1,9 @@
-"""Benchmark: the token-level Memory Decoder (issue 18) on the quick store's cached targets.
+"""Benchmark: the token-level Memory Decoder (issue 18) on a store's cached targets.
 
     PYTHONPATH=. python benchmarks/bench_token_decoder.py [--epochs 2] [--batch-size 1] [--heads 8]
     PYTHONPATH=. python benchmarks/bench_token_decoder.py --start base --layers 2 --lr 1e-3
 
-Reads what a quick ``make tutorial`` left (the quick datastore, its kNN
+Reads what a quick ``make tutorial`` left (``--size full``: a full one) (the datastore, its kNN
 targets ``targets_k256_t300/``, the cached held-out pass, and the quick
 hidden-state decoder if there is one); it computes none of them and writes
 nothing into ``data/cache``.  It trains a token decoder for ``--epochs`` on
@@ -41,7 +41,7 @@ ALPHAS = np.round(np.linspace(0, 1, 21), 2)
 def cached_targets(store, name: str = "targets_k256_t300"):
     """The store's cached kNN targets, read only (refused if they belong to another store)."""
     folder = store.path / name
-    meta = read_json(folder / "targets.json", "run notebook 03 at the quick size first.")
+    meta = read_json(folder / "targets.json", "run notebook 03 at this size first.")
     if meta.get("store_fingerprint") != store.fingerprint:
         raise SystemExit(f"{folder} was computed for another store; rerun notebook 03.")
     return _open_targets(folder, meta)
@@ -53,8 +53,8 @@ def cached_heldout(model, tok, texts):
     path = cache_dir("eval") / (f"{EMBEDDED_MODEL}-{corpus_fingerprint(texts)}-w256-o64"
                                 f"-float32-{weights_fingerprint(model)}.npz")
     if not path.exists():
-        raise SystemExit(f"no cached held-out pass at {path}; run notebook 02 at the quick "
-                         "size first (make tutorial).")
+        raise SystemExit(f"no cached held-out pass at {path}; run notebook 02 at this size "
+                         "first (make tutorial, or make tutorial FULL=1).")
     return heldout_eval(model, tok, texts, EMBEDDED_MODEL, progress=False)
 
 
@@ -85,6 +85,8 @@ def step_seconds(model, decoder, prompt: torch.Tensor, steps: int) -> tuple[floa
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=("quick", "full"), default="quick",
+                    help="whose store, targets and held-out pass (notebooks 02-03 at that size)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=1, help="chunks of --context tokens")
@@ -104,7 +106,7 @@ def main():
                     "data/artifacts/bench_token_decoder.json")
     args = ap.parse_args()
 
-    size = SIZES["quick"]
+    size = SIZES[args.size]
     model, tok = load_base_model(EMBEDDED_MODEL, device="cpu")
     store = Datastore.open(default_store_path(EMBEDDED_MODEL, "eu-law", tag=size.tag))
     targets = cached_targets(store)
@@ -144,7 +146,7 @@ def main():
         from helpers.decoder import load_decoder
         from helpers.train_decoder import decoder_target_probs
         dec = load_decoder(hidden, tokenizer=tok, store=store)
-        rows["hidden-state decoder (quick artifact)"] = blend(
+        rows[f"hidden-state decoder ({args.size} artifact)"] = blend(
             ev.p_base, decoder_target_probs(dec, ev.keys, ev.doc, ev.values), ev)
     print(f"\n{'':40} {'alpha':>5} {'valid ppl':>9} {'test ppl':>9}")
     for name, (a, v, t) in rows.items():
