@@ -7,15 +7,16 @@ datastore, and an override such as ``--param NUM_EPOCHS=3`` still wins.
 
 * **quick** (default): one training article in five (73 of 364), the first 192
   tokens of each of the 40 held-out articles (and of 10 off-domain documents
-  per source), 3 epochs of the original's ``W = 1`` decoder at lr 3e-3, and 2 of notebook 06's
-  token decoder (lr 5e-4 from the base model's first layers, 1e-3 from scratch).  Each notebook runs in a few minutes on 2 CPU cores and still shows its lesson
-  in its own numbers.
+  per source), 3 epochs of the original's ``W = 1`` decoder at lr 3e-3, and 2 of notebook
+  06's token decoder (lr 5e-4 from the base model's first layers, 1e-3 from scratch).  Each
+  notebook runs in a few minutes on 2 CPU cores and still shows its lesson in its own numbers.
 * **full** (``FULL = True``): the whole training split, whole held-out
   articles, 4 epochs of the ``W = 4`` decoder at lr 3e-3 without dropout (18
   minutes on 2 cores; it was 12 epochs at lr 1e-3 with dropout 0.1, 55
   minutes), and ``W = 1`` trained the same way for notebook 03's comparison:
-  the README's full table.  Notebook 06's token decoder: 4 epochs (not yet measured at
-  this size).
+  the README's full table.  Notebook 06's token decoder: 4 epochs (from the first 2 layers:
+  24 minutes of training, test 5.73 blended, in ``bench_token_decoder.py --size full``; the
+  notebook itself not run at this size).
 * **smoke** (``MEMDEC_SMOKE=1``, the tests): a dozen articles, seconds.
 
 The README's "Two sizes" table gives the times and perplexities of each.
