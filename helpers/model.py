@@ -18,6 +18,7 @@ default -- never a silent switch to another model.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import warnings
@@ -308,3 +309,14 @@ def weights_fingerprint(model, per_tensor: int = 256) -> str:
         digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
+
+
+def cache_argument(model) -> str:
+    """The KV cache's argument name: ``cache`` since transformers 5, else ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a transformers forward returned, under either version's name."""
+    return out["cache"] if "cache" in out else out["past_key_values"]

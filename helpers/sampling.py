@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .knn import knn_distribution, lookup_values, search
+from .model import cache_argument, returned_cache
 from .token_decoder import TokenMemoryDecoder, cache_length
 from .validate import check_float, check_int, check_str
 
@@ -383,12 +384,6 @@ def _knn_memory(store, index, k: int, temperature: float):
     return memory
 
 
-def cache_argument(model) -> str:
-    """The KV cache's argument name: ``cache`` since transformers 5, else ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _forward_kwargs(model) -> tuple[str, dict]:
     """The KV cache's argument name and extras (``logits_to_keep=1``: skip (T-1, V))."""
     params = inspect.signature(model.forward).parameters
@@ -413,7 +408,7 @@ def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature
             return
         out = model(input_ids=new_input, use_cache=True, output_hidden_states=True,
                     **{cache_name: cache}, **extra)
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        cache = returned_cache(out)
         # Gemma's final_logit_softcapping is already applied to out.logits by
         # transformers' forward: it must not be applied a second time here.
         logits = out.logits[0, -1].float()                        # (V,)

@@ -41,8 +41,7 @@ the one it was trained with, and a hidden-state checkpoint.
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoder import DecoderMismatch, check_vocab_range
-from .model import resolve_device, tokenizer_fingerprint
+from .model import (cache_argument, resolve_device, returned_cache,
+                    tokenizer_fingerprint)
 from .paths import CorruptFile, load_weights, read_json, save_checkpoint
 from .validate import ArgumentTypeError, check_float, check_int
 
@@ -183,8 +183,7 @@ class TokenMemoryDecoder(nn.Module):
             self.trunk = _base_trunk(c.trunk_config)
             self.embed = self.trunk.get_input_embeddings()     # (V + 1, dim), last = unknown
             self.softcap = c.trunk_config.get("final_logit_softcapping")
-            params = inspect.signature(self.trunk.forward).parameters  # transformers 5: "cache"
-            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+            self._cache_arg = cache_argument(self.trunk)      # transformers 5: "cache"
         else:
             self.embed = nn.Embedding(V + 1, c.dim)            # (V + 1, dim), last = unknown
             self.pos = nn.Parameter(0.02 * torch.randn(c.context, c.dim))  # (context, dim)
@@ -225,14 +224,13 @@ class TokenMemoryDecoder(nn.Module):
         d = text.to_dict()
         for key in _NOT_COPIED:
             d.pop(key, None)
-        vocab = TokenDecoderConfig.from_store(store, text.vocab_size, bos_id).vocab_ids
-        d.update(num_hidden_layers=n_layers, vocab_size=len(vocab) + 1, pad_token_id=None,
-                 attention_dropout=float(dropout), use_cache=True)
+        own_config = TokenDecoderConfig.from_store(store, text.vocab_size, bos_id,
+                                                   context=context, dropout=dropout)
+        d.update(num_hidden_layers=n_layers, vocab_size=len(own_config.vocab_ids) + 1,
+                 pad_token_id=None, attention_dropout=float(dropout), use_cache=True)
         if d.get("layer_types"):
             d["layer_types"] = list(d["layer_types"][:n_layers])
-        decoder = cls(TokenDecoderConfig.from_store(store, text.vocab_size, bos_id,
-                                                    context=context, dropout=dropout,
-                                                    trunk="base", trunk_config=d))
+        decoder = cls(replace(own_config, trunk="base", trunk_config=d))
         source = {k: v.detach() for k, v in model.get_decoder().state_dict().items()}
         own = decoder.trunk.state_dict()
         missing = [k for k in own if k != "embed_tokens.weight" and
@@ -281,8 +279,7 @@ class TokenMemoryDecoder(nn.Module):
             logits = F.linear(h, self.embed.weight[:self.unknown])        # (B, n, V) tied head
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            return logits, (out["cache"] if "cache" in out else out["past_key_values"]) \
-                if use_cache else None
+            return logits, returned_cache(out) if use_cache else None
         h = self.embed(x) + self.pos[P:P + n]                             # (B, n, dim)
         out = []
         for i, block in enumerate(self.blocks):
