@@ -31,15 +31,13 @@ import time
 
 import torch
 
-from helpers.articles import stored_indices
 from helpers.corpus import load_corpus, split_by_document
 from helpers.datastore import Datastore, default_store_path
 from helpers.decoder import load_decoder
 from helpers.index import load_or_build_index
 from helpers.model import EMBEDDED_MODEL, load_base_model
 from helpers.paths import artifacts_dir, write_results
-from helpers.quality import (format_table, pick_evenly, prompt_is_stored, quality_table,
-                             score_answers)
+from helpers.quality import answer_articles, format_table, quality_table, score_answers
 from helpers.sizes import pick_size
 
 
@@ -58,18 +56,11 @@ def main() -> None:
     metrics = json.loads((out / "metrics.json").read_text())
 
     model, tok = load_base_model(EMBEDDED_MODEL)
-    split = split_by_document(load_corpus("eu-law"))
-    train, held = split["train"], split["heldout"]
     store = Datastore.open(default_store_path(EMBEDDED_MODEL, "eu-law", tag=size.tag))
-    rows = stored_indices(store, list(train["text"]))
-    if rows is None:
-        raise SystemExit("the datastore was not built from this corpus's training split.")
-    docs = pick_evenly(list(range(len(rows))), args.articles)  # store document numbers
-    stored = [train[rows[d]] for d in docs]
-    same = sum(prompt_is_stored(store, tok, d, r) for d, r in zip(docs, stored))
+    stored, heldout, same = answer_articles(store, tok, split_by_document(load_corpus("eu-law")),
+                                            args.articles)
     print(f"{same} of {len(stored)} stored articles: the store holds the record's tokens and "
           "the prompt is their start", file=sys.stderr)
-    heldout = pick_evenly([held[i] for i in range(1, len(held), 2)], args.articles)
     decoder = load_decoder(out / "memory_decoder", base_model_name=EMBEDDED_MODEL,
                            tokenizer=tok, store=store)
     knn_s, blend_s = metrics["knn_settings"], metrics["blend_settings"]

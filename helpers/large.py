@@ -262,7 +262,8 @@ def _npy_writer(path: Path, shape: tuple, dtype):
 
 
 def knn_targets_chunked(store: Datastore, index, k: int = 256, temperature: float = 500.0,
-                        batch_size: int = 4096, progress: bool = False):
+                        batch_size: int = 4096, progress: bool = False,
+                        keep_self: bool = False):
     """``precompute_knn_targets`` with bounded memory: keys read a batch at a time, targets
     appended to their files (no memory map of the output), the same folder and metadata.
 
@@ -272,7 +273,8 @@ def knn_targets_chunked(store: Datastore, index, k: int = 256, temperature: floa
     """
     from .knn import knn_distribution, search
     from .paths import atomic_dir
-    from .train_decoder import TARGET_FILES, _open_targets, targets_folder_and_meta
+    from .train_decoder import (TARGET_FILES, _open_targets, check_keep_self,
+                                targets_folder_and_meta)
     from .validate import check_float
 
     k = check_int("k", k, 1, example=256)
@@ -283,7 +285,8 @@ def knn_targets_chunked(store: Datastore, index, k: int = 256, temperature: floa
     if index.ntotal != len(store):
         raise ValueError(f"the index holds {index.ntotal} keys but the store {len(store)}; "
                          "rebuild it for this store (build_ondisk_index).")
-    folder, meta = targets_folder_and_meta(store, index, k, temperature)
+    keep_self = check_keep_self(keep_self)
+    folder, meta = targets_folder_and_meta(store, index, k, temperature, keep_self)
     values = np.load(store.path / "values.npy")  # (N,) int64, in RAM: 8 B a row
     chunks = key_chunks(store, batch_size)
     if progress:
@@ -294,8 +297,8 @@ def knn_targets_chunked(store: Datastore, index, k: int = 256, temperature: floa
         with _npy_writer(tmp / "ids.npy", (len(store), k), np.int32) as f_ids, \
                 _npy_writer(tmp / "probs.npy", (len(store), k), np.float16) as f_probs:
             for i, keys in chunks:
-                distances, neighbours = search(index, keys, k,
-                                               exclude=np.arange(i, i + len(keys)))
+                distances, neighbours = search(
+                    index, keys, k, exclude=None if keep_self else np.arange(i, i + len(keys)))
                 nv = np.where(neighbours >= 0, values[np.maximum(neighbours, 0)], -1)
                 ids, probs = knn_distribution(distances, nv, temperature)
                 f_ids.write(np.ascontiguousarray(ids, np.int32).tobytes())

@@ -107,6 +107,23 @@ def pick_evenly(items: list, n: int) -> list:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round()]
 
 
+def answer_articles(store, tokenizer, split: dict, n: int) -> tuple[list, list, int]:
+    """``(stored, heldout, checked)``: ``n`` records of the store's articles and ``n``
+    of the odd (test) held-out ones, both spread evenly (``pick_evenly``), and how
+    many stored ones pass ``prompt_is_stored``.  ``split``: ``split_by_document``'s."""
+    from .articles import stored_indices
+    train, held = split["train"], split["heldout"]
+    rows = stored_indices(store, list(train["text"]))
+    if rows is None:
+        raise ValueError("the datastore was not built from this corpus's training split; "
+                         "build it with notebook 02 (or scripts/build_datastore.py).")
+    docs = pick_evenly(list(range(len(rows))), n)  # store document numbers
+    stored = [train[rows[d]] for d in docs]
+    checked = sum(prompt_is_stored(store, tokenizer, d, r) for d, r in zip(docs, stored))
+    heldout = pick_evenly([held[i] for i in range(1, len(held), 2)], n)
+    return stored, heldout, checked
+
+
 def answer(model, tokenizer, prompt: str, max_new_tokens: int, no_repeat_ngram: int = 0,
            **mode_kw) -> str:
     """A greedy answer (``temperature=0``) of at most ``max_new_tokens`` tokens,

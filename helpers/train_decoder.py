@@ -41,6 +41,13 @@ class KnnTargets:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def p_stored(self, store, rows=None) -> np.ndarray:
+        """``(R,)``: how much of each row's target sits on its own stored next token
+        (``rows`` default: all).  Near 1 with ``keep_self`` (notebook 03, section 2)."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
+        stored = np.asarray(store.values)[rows][:, None]              # (R, 1)
+        return ((self.ids[rows] == stored) * self.probs[rows].astype(np.float32)).sum(1)
+
 
 TARGET_FILES = ("ids.npy", "probs.npy", "targets.json")
 
@@ -57,7 +64,8 @@ def _open_targets(folder: Path, meta: dict, advice: str = "") -> KnnTargets:
     return KnnTargets(ids, probs, meta["k"], meta["temperature"], folder)
 
 
-def targets_folder_and_meta(store, index, k: int, temperature: float) -> tuple[Path, dict]:
+def targets_folder_and_meta(store, index, k: int, temperature: float,
+                            keep_self: bool = False) -> tuple[Path, dict]:
     """Where the kNN targets of ``store`` live, and what they were computed with: a
     cache is reused only while its ``targets.json`` equals this ``meta``."""
     from .index import index_signature  # lazily: it loads faiss
@@ -65,18 +73,36 @@ def targets_folder_and_meta(store, index, k: int, temperature: float) -> tuple[P
     meta = {"k": k, "temperature": float(temperature), "count": len(store),
             "corpus_fingerprint": m.get("corpus_fingerprint"),
             "model_name": m.get("model_name"), "layer": m.get("layer"),
-            "store_fingerprint": store.fingerprint, **index_signature(index)}
-    return store.path / f"targets_k{k}_t{temperature:g}", meta
+            "store_fingerprint": store.fingerprint, **index_signature(index),
+            **({"keep_self": True} if keep_self else {})}
+    return store.path / f"targets_k{k}_t{temperature:g}{'_self' if keep_self else ''}", meta
+
+
+def check_keep_self(keep_self) -> bool:
+    if not isinstance(keep_self, (bool, np.bool_)):
+        raise ArgumentTypeError(f"keep_self must be True or False; got {keep_self!r} "
+                                f"({type(keep_self).__name__}). False drops each row's own "
+                                "neighbour, as the Memory Decoder paper does.")
+    return bool(keep_self)
 
 
 def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.0,
-                           batch_size: int = 4096, progress: bool = False) -> KnnTargets:
+                           batch_size: int = 4096, progress: bool = False,
+                           keep_self: bool = False) -> KnnTargets:
     """``p_kNN`` of every stored key from its ``k`` neighbours (itself excluded).
 
     Saved in ``<store>/targets_k{k}_t{T}/`` and reused while it matches the
     store (its fingerprint) and the index (structure and ``nprobe``: targets
     from an approximate search are not those of an exact one).  A damaged
     cache is computed again.
+
+    ``keep_self=True`` keeps each row's own key among its neighbours (folder
+    ``..._self/``).  At distance 0 it outweighs the rest, so the target is
+    nearly the stored next token itself: a decoder trained on it learns the
+    stored text (it recites), where the paper's targets (``False``, the
+    default; ``--ignore_first True`` in LUMIA-Group/MemoryDecoder) teach what
+    *similar* contexts continue with.  Notebook 03 and ``bench_recite.py``
+    compare the two.
     """
     k = check_int("k", k, 1, example=256)
     temperature = check_float("temperature", temperature, example=500.0)
@@ -84,7 +110,8 @@ def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.
         raise ValueError(f"temperature must be > 0; got {temperature}. Pass e.g. "
                          "temperature=500.0.")
     batch_size = check_int("batch_size", batch_size, 1, example=4096)
-    folder, meta = targets_folder_and_meta(store, index, k, temperature)
+    keep_self = check_keep_self(keep_self)
+    folder, meta = targets_folder_and_meta(store, index, k, temperature, keep_self)
     if (folder / "targets.json").is_file():
         try:
             if read_json(folder / "targets.json", "computing the targets again.") == meta:
@@ -106,7 +133,7 @@ def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.
         for i in starts:
             j = min(i + batch_size, len(store))
             distances, neighbours = search(index, store.keys[i:j], k,
-                                           exclude=np.arange(i, j))
+                                           exclude=None if keep_self else np.arange(i, j))
             ids[i:j], probs[i:j] = knn_distribution(
                 distances, lookup_values(store, neighbours), temperature)
         ids.flush(), probs.flush()

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     ap.add_argument("--index", default="Flat", help="FAISS factory for the kNN targets")
     ap.add_argument("--k", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=500.0)
+    ap.add_argument("--keep-self", action="store_true",
+                    help="keep each row's own key in its kNN target (the paper drops it)")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=32)
@@ -71,11 +73,13 @@ def main(argv=None) -> None:
     store = Datastore.open(path)
     if accelerator.is_main_process:  # the others would race to write the same cache
         index = load_or_build_index(store, args.index, use_gpu="auto")
-        precompute_knn_targets(store, index, k=args.k, temperature=args.temperature)
+        precompute_knn_targets(store, index, k=args.k, temperature=args.temperature,
+                               keep_self=args.keep_self)
         del index
     accelerator.wait_for_everyone()
     index = load_or_build_index(store, args.index, use_gpu=False)
-    targets = precompute_knn_targets(store, index, k=args.k, temperature=args.temperature)
+    targets = precompute_knn_targets(store, index, k=args.k, temperature=args.temperature,
+                                     keep_self=args.keep_self)
     del index
     vocab = args.base_vocab_size
     if vocab is None:

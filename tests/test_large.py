@@ -147,3 +147,9 @@ def test_chunked_targets_equal_precompute_knn_targets_and_are_reused(tmp_path):
     stamp = (got.path / "ids.npy").stat().st_mtime_ns
     again = precompute_knn_targets(store, index, k=8, temperature=10.0)  # notebook 03's call
     assert again.path == got.path and (got.path / "ids.npy").stat().st_mtime_ns == stamp
+    kept = knn_targets_chunked(store, index, k=8, temperature=10.0, batch_size=700,
+                               keep_self=True)
+    want = precompute_knn_targets(twin, index, k=8, temperature=10.0, keep_self=True)
+    assert kept.path.name == want.path.name == "targets_k8_t10_self"
+    np.testing.assert_array_equal(kept.ids, want.ids)
+    np.testing.assert_array_equal(kept.probs, want.probs)

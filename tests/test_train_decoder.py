@@ -64,6 +64,31 @@ def test_targets_never_contain_the_querys_own_row(tmp_path):
     assert not (targets.ids == np.arange(60)[:, None]).any()
 
 
+def test_keep_self_targets_keep_the_own_row_in_their_own_cache(setup):
+    store, index, paper = setup
+    kept = precompute_knn_targets(store, index, k=8, temperature=10.0, keep_self=True)
+    distances, neighbours = search(index, np.asarray(store.keys), 8)  # no exclusion
+    ids, probs = knn_distribution(distances, lookup_values(store, neighbours), 10.0)
+    np.testing.assert_array_equal(kept.ids, ids)
+    np.testing.assert_allclose(kept.probs, probs, atol=1e-3)
+    assert kept.path == store.path / "targets_k8_t10_self" and paper.path != kept.path
+    assert json.loads((kept.path / "targets.json").read_text())["keep_self"] is True
+    true = np.asarray(store.values)[:, None]
+    want = ((kept.ids == true) * kept.probs.astype(np.float32)).sum(1)
+    np.testing.assert_allclose(kept.p_stored(store), want)
+    np.testing.assert_allclose(kept.p_stored(store, [3, 7]), want[[3, 7]])
+    assert (kept.p_stored(store) >= paper.p_stored(store) - 1e-3).all()  # its own token gains
+    again = precompute_knn_targets(store, index, k=8, temperature=10.0)  # the paper's, reused
+    assert again.path == paper.path
+    np.testing.assert_array_equal(again.ids, paper.ids)
+
+
+def test_keep_self_must_be_a_bool(setup):
+    store, index, _ = setup
+    with pytest.raises(TypeError, match="keep_self must be True or False"):
+        precompute_knn_targets(store, index, k=8, temperature=10.0, keep_self="yes")
+
+
 def test_targets_are_the_sparse_knn_distribution_stored_compactly(setup):
     store, index, targets = setup
     rows = np.arange(len(store))
