@@ -69,20 +69,45 @@ def test_interrupted_gguf_assembly_leaves_no_partial_file(data_dir, monkeypatch)
     assert list((data_dir / "cache" / "gguf").iterdir()) == []
 
 
-def test_conversion_reads_the_gguf_header_once_however_often_transformers_asks(tmp_path):
-    """transformers parses the GGUF header per call (35 s each for Gemma's 262,144 tokens)."""
+def _tiny_gguf(path):
     import gguf
     import numpy as np
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "gemma3")
     writer.add_uint32("gemma3.block_count", 1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.add_token_list(["<pad>", "<eos>", "a", "b"])
+    writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_the_gguf_header_parsed_in_memory_equals_the_memory_mapped_parse(tmp_path):
+    import gguf
+    import gguf.gguf_reader as module
+    import numpy as np
+
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    mapped = gguf.GGUFReader(path)
+    fast = model_mod._read_in_memory(gguf.GGUFReader, path)
+    assert module.np is np                                   # numpy is put back
+    assert type(fast.data) is np.ndarray and isinstance(mapped.data, np.memmap)
+    assert fast.fields.keys() == mapped.fields.keys()
+    for name, field in mapped.fields.items():
+        assert fast.fields[name].data == field.data and fast.fields[name].types == field.types
+        assert all(np.array_equal(a, b) for a, b in zip(fast.fields[name].parts, field.parts))
+    assert [t.name for t in fast.tensors] == [t.name for t in mapped.tensors]
+    np.testing.assert_array_equal(fast.tensors[0].data, mapped.tensors[0].data)
+
+
+def test_conversion_reads_the_gguf_header_once_however_often_transformers_asks(tmp_path):
+    """transformers parses the GGUF header per call (35 s each for Gemma's 262,144 tokens)."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
 
     original, made = gguf.GGUFReader, []
 
