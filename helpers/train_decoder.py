@@ -79,6 +79,7 @@ def targets_folder_and_meta(store, index, k: int, temperature: float,
 
 
 def check_keep_self(keep_self) -> bool:
+    """``keep_self`` as a bool; anything but True/False is refused with advice."""
     if not isinstance(keep_self, (bool, np.bool_)):
         raise ArgumentTypeError(f"keep_self must be True or False; got {keep_self!r} "
                                 f"({type(keep_self).__name__}). False drops each row's own "
@@ -89,7 +90,7 @@ def check_keep_self(keep_self) -> bool:
 def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.0,
                            batch_size: int = 4096, progress: bool = False,
                            keep_self: bool = False) -> KnnTargets:
-    """``p_kNN`` of every stored key from its ``k`` neighbours (itself excluded).
+    """``p_kNN`` of every stored key from its ``k`` neighbours (itself excluded, by default).
 
     Saved in ``<store>/targets_k{k}_t{T}/`` and reused while it matches the
     store (its fingerprint) and the index (structure and ``nprobe``: targets
