@@ -10,7 +10,8 @@ overridden with papermill's ``--param NAME=VALUE``.
 
 While a notebook runs, the script prints each code cell as it starts, a line
 every minute while a cell is still running, and at the end a table of wall
-time and peak resident memory of each notebook's kernel (also saved to
+time and peak resident memory of each notebook's kernel, with the cell that
+set the peak and how much of it was memory-mapped files (also saved to
 ``data/artifacts/executed/run_summary.json``).
 """
 
@@ -61,29 +62,45 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def peak_rss_of_children() -> int:
-    """Largest peak resident memory (VmHWM, bytes) among this process's children.
+def memory_of_children() -> tuple[int, int]:
+    """``(peak, file-backed)`` of the child with the largest peak resident memory, in bytes.
 
     The notebook's kernel is a child process; Linux keeps its high-water mark
-    in ``/proc/<pid>/status``.  Returns 0 where ``/proc`` does not exist.
+    (``VmHWM``) in ``/proc/<pid>/status``, and next to it how much of what is
+    resident *now* is file-backed (``RssFile``: memory-mapped files such as the
+    datastore's keys, which the kernel can drop and read again, unlike
+    ``RssAnon``).  ``(0, 0)`` where ``/proc`` does not exist.
     """
-    peak = 0
+    best = (0, 0)
     for pid in _children(os.getpid()):
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
+            fields = dict(line.split(":", 1) for line in
+                          Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+            kib = lambda name: int(fields.get(name, "0 kB").split()[0]) * 1024
+            best = max(best, (kib("VmHWM"), kib("RssFile")))
         except (OSError, IndexError, ValueError):
             continue  # the process ended while we looked
-    return peak
+    return best
+
+
+def peak_rss_of_children() -> int:
+    """Largest peak resident memory (VmHWM, bytes) among this process's children."""
+    return memory_of_children()[0]
 
 
 class Progress:
-    """Prints each code cell as it starts and a heartbeat while it runs; tracks peak memory."""
+    """Prints each code cell as it starts and a heartbeat while it runs; tracks peak memory.
+
+    ``peak_cell`` is the code cell that was running (or had just run) when the
+    kernel's peak last rose, and ``peak_file`` the file-backed part of what was
+    resident then (sampled once a second, so it is close to, not exactly at,
+    the peak).
+    """
 
     def __init__(self, name: str, n_cells: int, every: float = 60.0):
         self.name, self.n_cells, self.every = name, n_cells, every
         self.cell, self.cell_start, self.peak = None, time.perf_counter(), 0
+        self.last_cell, self.peak_cell, self.peak_file = None, None, 0
         self.last_beat = self.cell_start
         self.start = time.perf_counter()
         self._stop = threading.Event()
@@ -99,12 +116,18 @@ class Progress:
 
     def _watch(self):
         while not self._stop.wait(1.0):
-            self.peak = max(self.peak, peak_rss_of_children())
+            self._sample()
             now = time.perf_counter()
             if self.cell is not None and now - self.last_beat >= self.every:
                 self.last_beat = now
                 print(f"      ... cell {self.cell} still running: {now - self.cell_start:.0f} s "
                       f"(notebook {now - self.start:.0f} s)", flush=True)
+
+    def _sample(self):
+        peak, file_backed = memory_of_children()
+        if peak > self.peak:
+            self.peak, self.peak_file = peak, file_backed
+            self.peak_cell = self.cell if self.cell is not None else self.last_cell
 
     def on_cell_start(self, cell, cell_index, **_):
         if cell.cell_type != "code":
@@ -120,6 +143,9 @@ class Progress:
         took = time.perf_counter() - self.cell_start
         if cell.cell_type == "code" and took >= 20:
             print(f"      cell {cell_index} took {took:.0f} s", flush=True)
+        if cell.cell_type == "code":
+            self._sample()  # before the next cell starts: a rise is this cell's
+            self.last_cell = cell_index
         self.cell = None
 
 
@@ -158,14 +184,19 @@ def main() -> int:
                                 on_cell_executed=progress.on_cell_executed)
         seconds = time.perf_counter() - tic
         summary.append({"notebook": nb.name, "seconds": round(seconds, 1),
-                        "peak_rss_mb": round(progress.peak / 2**20) or None})
-        mem = f", kernel peak memory {progress.peak / 2**30:.2f} GiB" if progress.peak else ""
+                        "peak_rss_mb": round(progress.peak / 2**20) or None,
+                        "peak_cell": progress.peak_cell,
+                        "peak_file_backed_mb": round(progress.peak_file / 2**20) or None})
+        mem = (f", kernel peak memory {progress.peak / 2**30:.2f} GiB in cell {progress.peak_cell} "
+               f"({progress.peak_file / 2**30:.2f} GiB of it memory-mapped files)"
+               if progress.peak else "")
         print(f"    done in {seconds:.0f} s{mem} -> {out_dir / nb.name}", flush=True)
     total = time.perf_counter() - tic0
-    print(f"\n{'notebook':32}{'wall time':>12}{'peak memory':>14}")
+    print(f"\n{'notebook':32}{'wall time':>12}{'peak memory':>14}{'in cell':>9}")
     for row in summary:
         mem = f"{row['peak_rss_mb'] / 1024:.2f} GiB" if row["peak_rss_mb"] else "n/a"
-        print(f"{row['notebook']:32}{row['seconds'] / 60:9.1f} min{mem:>14}")
+        where = "" if row["peak_cell"] is None else str(row["peak_cell"])
+        print(f"{row['notebook']:32}{row['seconds'] / 60:9.1f} min{mem:>14}{where:>9}")
     print(f"{'total':32}{total / 60:9.1f} min")
     (out_dir / "run_summary.json").write_text(json.dumps(
         {"size": size, "parameters": params, "total_seconds": round(total, 1),

@@ -61,3 +61,36 @@ def test_each_code_cell_is_announced_and_a_long_one_gets_a_heartbeat(capsys):
     assert "[03 cell 2/4" in out and "x = train(model)" in out
     assert "cell 2 still running" in out
     assert "cell 3" not in out  # markdown cells are not announced
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_the_peak_is_put_on_the_cell_that_ran_and_its_mapped_files_are_told_apart(tmp_path):
+    from types import SimpleNamespace
+    mapped = tmp_path / "keys.bin"
+    mapped.write_bytes(b"\1" * (96 * 2**20))
+    code = ("import mmap, sys, time\n"
+            "f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+            "s = sum(m[i] for i in range(0, len(m), 4096))  # every page read: resident, file-backed\n"
+            "b = bytearray(160 * 2**20); b[::4096] = b'x' * len(b[::4096])\n"
+            "time.sleep(30)")
+    cell = SimpleNamespace(cell_type="code", source="keys = open_store()\n")
+    with run_tutorial.Progress("02", 9, every=60) as progress:
+        progress.on_cell_start(SimpleNamespace(cell_type="code", source="import numpy"), 1)
+        progress.on_cell_executed(SimpleNamespace(cell_type="code", source="import numpy"), 1)
+        progress.on_cell_start(cell, 4)
+        child = subprocess.Popen([sys.executable, "-c", code, str(mapped)])
+        try:
+            for _ in range(100):
+                time.sleep(0.1)
+                if run_tutorial.peak_rss_of_children() > 250 * 2**20:
+                    break
+            time.sleep(1.2)  # the watcher samples once a second
+            progress.on_cell_executed(cell, 4)
+            progress.on_cell_start(SimpleNamespace(cell_type="code", source="print(1)"), 5)
+            progress.on_cell_executed(SimpleNamespace(cell_type="code", source="print(1)"), 5)
+        finally:
+            child.kill()
+            child.wait()
+    assert progress.peak > 250 * 2**20
+    assert progress.peak_cell == 4  # not the cell before it, nor the one after
+    assert 90 * 2**20 < progress.peak_file < progress.peak - 150 * 2**20
