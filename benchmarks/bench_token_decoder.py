@@ -28,7 +28,8 @@ import torch
 from helpers.corpus import load_corpus, split_by_document
 from helpers.datastore import Datastore, corpus_fingerprint, default_store_path
 from helpers.knn import best_alpha, perplexity
-from helpers.model import EMBEDDED_MODEL, load_base_model, weights_fingerprint
+from helpers.model import (EMBEDDED_MODEL, cache_argument, load_base_model, returned_cache,
+                           weights_fingerprint)
 from helpers.paths import artifacts_dir, cache_dir, read_json, write_results
 from helpers.sizes import SIZES
 from helpers.token_decoder import TokenMemoryDecoder, save_token_decoder
@@ -66,14 +67,15 @@ def blend(p_base, p_mem, ev) -> tuple[float, float, float]:
 @torch.inference_mode()
 def step_seconds(model, decoder, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
     """Median seconds of one KV-cached step: base model (with its head), token decoder."""
+    name = cache_argument(model)  # "cache" since transformers 5, else "past_key_values"
     out = model(input_ids=prompt, use_cache=True)
-    past, nxt = out.past_key_values, prompt[:, -1:]
+    past, nxt = returned_cache(out), prompt[:, -1:]
     base = []
     for _ in range(steps):
         tic = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        out = model(input_ids=nxt, use_cache=True, **{name: past})
         base.append(time.perf_counter() - tic)
-        past = out.past_key_values
+        past = returned_cache(out)
     _, cache = decoder.step(prompt)
     dec = []
     for _ in range(steps):

@@ -1,6 +1,7 @@
 """Nothing silent: caches keyed by what changes them, damaged files named and rebuilt,
 indexes tied to their store, NaN refused, offline failures fast."""
 
+import functools
 import json
 import time
 import warnings
@@ -232,6 +233,7 @@ def test_generation_stops_when_the_model_gives_nan(tiny, monkeypatch):
     model, tok = tiny
     real = model.forward
 
+    @functools.wraps(real)  # keeps the signature, so generate passes the cache by its current name
     def nan_forward(*a, **k):
         out = real(*a, **k)
         out.logits.fill_(float("nan"))
