@@ -143,6 +143,11 @@ def check_helpers(model_dir: Path, work: Path) -> dict:
     save_index(index, store)
     cpu_index = load_index(store, use_gpu=False)  # a GPU-built index opens on a CPU
     targets = precompute_knn_targets(store, cpu_index, k=8, temperature=300.0)
+    # notebook 03's KEEP_SELF: searched on the index built above (the GPU's where faiss has one)
+    kept = precompute_knn_targets(store, index, k=8, temperature=300.0, keep_self=True)
+    own, other = kept.p_stored(store), targets.p_stored(store)
+    assert (own > 0).mean() > 0.99 and own.mean() >= other.mean(), \
+        f"keep_self targets put {own.mean():.2f} on the stored token, the paper's {other.mean():.2f}"
     decoder = MemoryDecoder(DecoderConfig.from_store(store, model.config.vocab_size, dim=64,
                                                      n_layers=1, window=2)).to(model.device)
     history = train_decoder(decoder, store, targets, epochs=1, batch_size=64, max_steps=4,
@@ -164,6 +169,8 @@ def check_helpers(model_dir: Path, work: Path) -> dict:
             "decoder": str(next(again.parameters()).device),
             "decoder read on the CPU": str(next(on_cpu.parameters()).device),
             "index": type(index).__name__, "gate": str(gate.mean.device),
+            "keep_self targets": f"{own.mean():.2f} of a target on the stored token "
+                                 f"(own key dropped: {other.mean():.2f})",
             "cuda": torch.cuda.is_available()}
 
 

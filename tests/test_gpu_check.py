@@ -43,3 +43,12 @@ def test_notebooks_04_05_and_06_build_what_they_lack_in_an_empty_folder(tmp_path
                 / "config.json").is_file()
     assert (tmp_path / "data" / "06" / "artifacts" / "smoke" / "token_decoder"
             / "run.json").is_file()
+
+
+def test_the_helpers_run_on_the_pretend_gpu_keep_self_targets_included(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--fake-gpu",
+                          "--only", "none", "--keep", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    helpers = next((ln for ln in out.stdout.splitlines() if ln.strip().startswith("helpers")), "")
+    assert out.returncode == 0 and " ok " in helpers, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "decoder: cuda:0" in helpers and "keep_self targets:" in helpers, helpers
