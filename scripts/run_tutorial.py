@@ -83,11 +83,6 @@ def memory_of_children() -> tuple[int, int]:
     return best
 
 
-def peak_rss_of_children() -> int:
-    """Largest peak resident memory (VmHWM, bytes) among this process's children."""
-    return memory_of_children()[0]
-
-
 class Progress:
     """Prints each code cell as it starts and a heartbeat while it runs; tracks peak memory.
 
@@ -101,6 +96,7 @@ class Progress:
         self.name, self.n_cells, self.every = name, n_cells, every
         self.cell, self.cell_start, self.peak = None, time.perf_counter(), 0
         self.last_cell, self.peak_cell, self.peak_file = None, None, 0
+        self._lock = threading.Lock()  # the watcher and the end of a cell both sample
         self.last_beat = self.cell_start
         self.start = time.perf_counter()
         self._stop = threading.Event()
@@ -124,10 +120,11 @@ class Progress:
                       f"(notebook {now - self.start:.0f} s)", flush=True)
 
     def _sample(self):
-        peak, file_backed = memory_of_children()
-        if peak > self.peak:
-            self.peak, self.peak_file = peak, file_backed
-            self.peak_cell = self.cell if self.cell is not None else self.last_cell
+        with self._lock:
+            peak, file_backed = memory_of_children()
+            if peak > self.peak:
+                self.peak, self.peak_file = peak, file_backed
+                self.peak_cell = self.cell if self.cell is not None else self.last_cell
 
     def on_cell_start(self, cell, cell_index, **_):
         if cell.cell_type != "code":

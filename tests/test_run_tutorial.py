@@ -40,7 +40,7 @@ def test_peak_memory_of_a_child_process_is_seen_while_it_runs():
         peak = 0
         for _ in range(40):
             time.sleep(0.1)
-            peak = max(peak, run_tutorial.peak_rss_of_children())
+            peak = max(peak, run_tutorial.memory_of_children()[0])
             if peak > 200 * 2**20:
                 break
         assert peak > 200 * 2**20
@@ -82,7 +82,7 @@ def test_the_peak_is_put_on_the_cell_that_ran_and_its_mapped_files_are_told_apar
         try:
             for _ in range(100):
                 time.sleep(0.1)
-                if run_tutorial.peak_rss_of_children() > 250 * 2**20:
+                if run_tutorial.memory_of_children()[0] > 250 * 2**20:
                     break
             time.sleep(1.2)  # the watcher samples once a second
             progress.on_cell_executed(cell, 4)
