@@ -16,17 +16,13 @@ noisy: compare the runs of one invocation only.  Writes
 ``data/artifacts/bench_bf16[_quick].json``.
 """
 import argparse
-import time
 
 import numpy as np
 import torch
 
+from bench_dropout import store_and_targets, training_speed  # this folder: the same steps
 from helpers.cpu import describe, fast_bf16
-from helpers.datastore import Datastore, default_store_path
-from helpers.decoder import DecoderConfig, MemoryDecoder
-from helpers.index import load_or_build_index
 from helpers.paths import write_results
-from helpers.train_decoder import precompute_knn_targets, train_decoder
 
 
 def main():
@@ -37,24 +33,15 @@ def main():
     ap.add_argument("--windows", default="1,4")
     args = ap.parse_args()
     print(describe(), flush=True)
-    store = Datastore.open(default_store_path("gemma-3-270m", "eu-law", -1, "float32",
-                                              tag="" if args.full else "quick"))
-    targets = precompute_knn_targets(store, load_or_build_index(store, "Flat"), k=256,
-                                     temperature=300.0)  # notebook 03's cached targets
+    store, targets = store_and_targets(args.full)
     results = {"size": "full" if args.full else "quick", "fast_bf16": fast_bf16(),
                "steps": args.steps, "threads": torch.get_num_threads()}
     for w in map(int, args.windows.split(",")):
         speeds, losses = {"float32": [], "bf16": []}, {"float32": [], "bf16": []}
         for _ in range(args.rounds):
             for name, dtype in (("float32", None), ("bf16", torch.bfloat16)):
-                torch.manual_seed(0)
-                dec = MemoryDecoder(DecoderConfig.from_store(store, 262144, dim=256, window=w,
-                                                             dropout=0.0))
-                tic = time.perf_counter()
-                hist = train_decoder(dec, store, targets, epochs=1, lr=3e-3, batch_size=256,
-                                     beta=0.5, seed=0, max_steps=args.steps, progress=False,
-                                     autocast=dtype)
-                speeds[name].append(args.steps * 256 / (time.perf_counter() - tic))
+                speed, hist = training_speed(store, targets, w, args.steps, autocast=dtype)
+                speeds[name].append(speed)
                 losses[name].append(float(np.mean(hist["loss"][-10:])))
                 print(f"W={w} {name:8s} {speeds[name][-1]:6.0f} samples/s, "
                       f"loss over the last 10 steps {losses[name][-1]:.4f}", flush=True)
