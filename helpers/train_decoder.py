@@ -122,18 +122,23 @@ def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.
     if index.ntotal != len(store):
         raise ValueError(f"the index holds {index.ntotal} keys but the store {len(store)}; "
                          "rebuild it with load_or_build_index(store).")
-    starts = range(0, len(store), batch_size)
+    from .large import key_chunks
+    # Each batch of keys is read through a map of its own, dropped before the next: the pages
+    # leave this process's memory with it, instead of staying resident in store.keys' map
+    # while notebook 03 goes on (456 MiB at the full size).
+    chunks = key_chunks(store, batch_size)
     if progress:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="kNN targets", unit="batch")
+        chunks = tqdm(chunks, total=-(-len(store) // batch_size), desc="kNN targets",
+                      unit="batch")
     # an interrupted run leaves no half-written cache, and the old one until the new is in
     with atomic_dir(folder, TARGET_FILES, "a kNN-targets") as tmp:
         ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (len(store), k))
         probs = np.lib.format.open_memmap(tmp / "probs.npy", "w+", np.float16,
                                           (len(store), k))
-        for i in starts:
-            j = min(i + batch_size, len(store))
-            distances, neighbours = search(index, store.keys[i:j], k,
+        for i, keys in chunks:
+            j = i + len(keys)
+            distances, neighbours = search(index, keys, k,
                                            exclude=None if keep_self else np.arange(i, j))
             ids[i:j], probs[i:j] = knn_distribution(
                 distances, lookup_values(store, neighbours), temperature)

@@ -102,6 +102,32 @@ def test_targets_are_the_sparse_knn_distribution_stored_compactly(setup):
     assert (meta["k"], meta["count"], meta["corpus_fingerprint"]) == (8, 240, "c0ffee")
 
 
+def test_the_target_search_reads_the_keys_through_maps_of_its_own(tmp_path):
+    """Notebook 03 trains with the store open after the search: had the search read
+    ``store.keys``, every key's page would stay resident in that map (456 MiB at the full
+    size). It reads batches through maps of its own, with the same targets."""
+    store = make_store(tmp_path / "s")
+    index = build_index(store, use_gpu=False)
+    keys = np.array(store.keys)
+    assert store.fingerprint  # from a sample of the keys, cached, as the index's check does
+
+    class Unread:  # store.keys, failing the test if anything reads it
+        shape, dtype = keys.shape, keys.dtype
+
+        def __getitem__(self, item):
+            raise AssertionError(f"precompute_knn_targets read store.keys[{item!r}]")
+
+        def __array__(self, *args, **kwargs):
+            raise AssertionError("precompute_knn_targets read store.keys")
+
+    store.keys = Unread()
+    targets = precompute_knn_targets(store, index, k=8, temperature=10.0, batch_size=50)
+    distances, neighbours = search(index, keys, 8, exclude=np.arange(len(keys)))  # 240 rows
+    ids, probs = knn_distribution(distances, lookup_values(store, neighbours), 10.0)
+    np.testing.assert_array_equal(targets.ids, ids)
+    np.testing.assert_allclose(targets.probs, probs, atol=1e-3)
+
+
 def _excluded(index, store, rows):
     distances, neighbours = search(index, np.asarray(store.keys)[rows], 8, exclude=rows)
     return distances, lookup_values(store, neighbours)
