@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--batch", type=int, default=256, help="rows per step (notebook 03: 256)")
     ap.add_argument("--articles", type=int, default=6, help="per set (stored, held out)")
     ap.add_argument("--tokens", type=int, default=32, help="max new tokens per answer")
     ap.add_argument("--seed", type=int, default=0)
@@ -88,17 +89,19 @@ def main() -> None:
             store, vocab, dim=256, window=size.window, head="store", dropout=args.dropout))
         tic = time.perf_counter()
         history = train_decoder(decoder, store, targets, epochs=args.epochs, lr=args.lr,
-                                batch_size=256, beta=0.5, seed=args.seed, progress=True)
+                                batch_size=args.batch, beta=0.5, seed=args.seed, progress=True)
         seconds = time.perf_counter() - tic
         settings = {"targets": name, "keep_self": keep_self, "k": K, "temperature": TEMPERATURE,
                     "W": size.window, "epochs": args.epochs, "lr": args.lr,
-                    "dropout": args.dropout, "seed": args.seed, "store": store.fingerprint}
+                    "batch_size": args.batch, "dropout": args.dropout, "seed": args.seed,
+                    "store": store.fingerprint}
         finish_run(decoder, out / name, settings, history=history, train_seconds=seconds)
         p_dec[name] = decoder_target_probs(decoder, ev.keys, ev.doc, ev.values)
         alpha, valid, test = best_alpha(ev.p_base, p_dec[name], ev.valid, ev.test, ALPHAS)
         decoders[name] = (decoder, alpha)
         rows[name] = {"keep_self": keep_self, "p_kNN_of_stored_token": round(p_true, 4),
-                      "train_seconds": round(seconds, 1), "last_loss": history["loss"][-1],
+                      "train_seconds": round(seconds, 1), "steps": len(history["loss"]),
+                      "batch_size": args.batch, "last_loss": history["loss"][-1],
                       "alpha": alpha, "valid_ppl": round(valid, 3), "test_ppl": round(test, 3)}
         print(f"{name}: p_kNN(stored next token) {p_true:.3f}; trained {seconds:.0f} s; "
               f"α {alpha} (validation {valid:.2f}); test perplexity {test:.2f}", file=sys.stderr)
@@ -133,7 +136,8 @@ def main() -> None:
             head_to_head[set_name] = {"rouge_l_ratio": r, "low": low, "high": high}
             print(f"{set_name}: ROUGE-L keep_self ÷ paper {r:.2f}× (95 % interval "
                   f"{low:.2f}–{high:.2f})")
-    suffix = "" if len(decoders) == 2 else "_" + variants[0]
+    suffix = ("" if len(decoders) == 2 else "_" + variants[0]) + \
+        ("" if args.batch == 256 else f"_batch{args.batch}")
     write_results("bench_recite" + ("_quick" if args.quick else "") + suffix, {
         "size": size.name, "command": "python " + " ".join(sys.argv),
         "threads": torch.get_num_threads(), "decoders": rows,
