@@ -1,0 +1,108 @@
+"""Does a smaller batch train the decoder to a lower perplexity in the same time?
+
+Trains notebook 03's decoder once per run (a batch size and a number of epochs): that size's
+window, learning rate and
+dropout (``helpers/sizes.py``), the paper's targets that notebook 03 cached, the same seed,
+bf16 autocast where the CPU runs it natively (as the notebook). Each epoch is validated as in
+the notebook (best α on the even held-out articles). Then the test articles are scored at
+the α chosen on validation, and each run is compared with the first: the ratio of test
+perplexities with a 95 % paired bootstrap interval over the test articles.
+
+    python benchmarks/bench_batch.py --quick --runs 256x3,128x3,64x3
+    python benchmarks/bench_batch.py --runs 256x4,128x3       # the full size
+
+Needs that size's store and held-out pass (notebook 02) and notebook 03's cached targets.
+Training time includes the per-epoch validation, as notebook 03 reports it. Machines are
+noisy: compare the runs of one invocation only.
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from bench_dropout import store_and_targets  # this folder: the same store and targets
+from helpers.corpus import load_corpus, split_by_document
+from helpers.cpu import autocast_dtype, describe
+from helpers.decoder import DecoderConfig, MemoryDecoder
+from helpers.evaluation import heldout_eval
+from helpers.knn import best_alpha, interpolate, perplexity
+from helpers.model import EMBEDDED_MODEL, load_base_model
+from helpers.paths import write_results
+from helpers.sizes import by_size, pick_size
+from helpers.stats import perplexity_ratio, token_nll
+from helpers.train_decoder import decoder_target_probs, train_decoder
+
+ALPHAS = np.round(np.linspace(0, 1, 21), 2)  # notebook 03's grid
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the quick size (default full)")
+    ap.add_argument("--runs", default="256x4,128x3",
+                    help="BATCHxEPOCHS per run, the reference first")
+    ap.add_argument("--lr", type=float, default=None, help="default: the size's")
+    args = ap.parse_args()
+    try:
+        runs_asked = [tuple(int(n) for n in r.split("x")) for r in args.runs.split(",")]
+    except ValueError:
+        runs_asked = []
+    if not runs_asked or any(len(r) != 2 or min(r) < 1 for r in runs_asked):
+        raise SystemExit(f"--runs takes BATCHxEPOCHS separated by commas, e.g. 256x4,128x3; "
+                         f"got {args.runs!r}.")
+    size = pick_size(not args.quick)
+    lr = by_size(args.lr, size, "lr")
+    window, dropout = by_size(None, size, "window"), by_size(None, size, "dropout")
+
+    model, tok = load_base_model(EMBEDDED_MODEL)
+    vocab = model.config.get_text_config().vocab_size
+    split = split_by_document(load_corpus("eu-law"))
+    heldout = size.shorten(list(split["heldout"]["text"])[:size.eval_docs], tok)
+    ev = heldout_eval(model, tok, heldout, EMBEDDED_MODEL)  # notebook 02's cached pass
+    del model  # not needed below
+    store, targets = store_and_targets(not args.quick)
+    autocast = autocast_dtype(torch.device("cpu"))
+    print(f"{size.name} size: {len(store):,} keys, W={window}, lr {lr:g}, dropout {dropout:g}, "
+          f"{'bf16 autocast' if autocast else 'float32'} ({describe()})", flush=True)
+
+    def validation(dec):
+        p = decoder_target_probs(dec, ev.keys, ev.doc, ev.values,
+                                 rows=np.flatnonzero(ev.valid))
+        return min(perplexity(interpolate(ev.p_base[ev.valid], p, a)) for a in ALPHAS)
+
+    runs, nll = {}, {}
+    first = "{}x{}".format(*runs_asked[0])
+    for b, epochs in runs_asked:
+        name = f"{b}x{epochs}"
+        torch.manual_seed(0)
+        dec = MemoryDecoder(DecoderConfig.from_store(store, vocab, dim=256, window=window,
+                                                     head="store", dropout=dropout))
+        tic = time.perf_counter()
+        history = train_decoder(dec, store, targets, epochs=epochs, lr=lr, batch_size=b,
+                                beta=0.5, eval_fn=validation, patience=2, seed=0,
+                                progress=False, autocast=autocast)
+        seconds = time.perf_counter() - tic
+        p_dec = decoder_target_probs(dec, ev.keys, ev.doc, ev.values)
+        alpha, valid, test = best_alpha(ev.p_base, p_dec, ev.valid, ev.test, ALPHAS)
+        nll[name] = token_nll(interpolate(ev.p_base[ev.test], p_dec[ev.test], alpha))
+        runs[name] = {"batch_size": b, "epochs": epochs, "steps": len(history["loss"]),
+                      "train_seconds": round(seconds, 1),
+                      "samples_per_s": round(len(history["loss"]) * b / seconds),
+                      "valid_per_epoch": [round(v, 3) for v in history["eval"]],
+                      "best_epoch": history["best_epoch"], "alpha": alpha,
+                      "valid_ppl": round(valid, 3), "test_ppl": round(test, 3)}
+        if name != first:
+            r = perplexity_ratio(nll[name], nll[first], ev.doc[ev.test], seed=0)
+            runs[name]["test_ratio_to_first"] = {"ratio": r.ratio, "low": r.low,
+                                                 "high": r.high, "articles": r.groups}
+        print(f"batch {b}, {epochs} epochs: {runs[name]['steps']} steps in {seconds:.0f} s; "
+              f"validation per epoch {runs[name]['valid_per_epoch']}; α {alpha}; test "
+              f"perplexity {test:.2f}" + (f"; ÷ {first}: {r}" if name != first else ""),
+              flush=True)
+    write_results("bench_batch" + ("_quick" if args.quick else ""), {
+        "size": size.name, "keys": len(store), "window": window, "lr": lr, "dropout": dropout,
+        "autocast": str(autocast), "threads": torch.get_num_threads(), "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
