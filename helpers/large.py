@@ -264,8 +264,9 @@ def _npy_writer(path: Path, shape: tuple, dtype):
 def knn_targets_chunked(store: Datastore, index, k: int = 256, temperature: float = 500.0,
                         batch_size: int = 4096, progress: bool = False,
                         keep_self: bool = False):
-    """``precompute_knn_targets`` with bounded memory: keys read a batch at a time, targets
-    appended to their files (no memory map of the output), the same folder and metadata.
+    """The kNN targets of every stored key, computed with bounded memory: keys read a batch at
+    a time, targets appended to their files (no memory map of the output), the same folder and
+    metadata as ``precompute_knn_targets``, which checks its cache and then calls this.
 
     So ``precompute_knn_targets(store, index, k, temperature)`` and notebook 03
     reuse what this writes.  Resident memory: one batch of keys and results,

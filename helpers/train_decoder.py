@@ -13,7 +13,6 @@ to the store, so training epochs never touch the FAISS index.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import MemoryDecoder, save_decoder
-from .knn import knn_distribution, lookup_values, search
-from .paths import CorruptFile, atomic_dir, load_array, read_json
+from .paths import CorruptFile, load_array, read_json
 from .validate import ArgumentTypeError, check_float, check_int
 
 
@@ -122,30 +120,11 @@ def precompute_knn_targets(store, index, k: int = 256, temperature: float = 500.
     if index.ntotal != len(store):
         raise ValueError(f"the index holds {index.ntotal} keys but the store {len(store)}; "
                          "rebuild it with load_or_build_index(store).")
-    from .large import key_chunks
-    # Each batch of keys is read through a map of its own, dropped before the next: the pages
-    # leave this process's memory with it, instead of staying resident in store.keys' map
-    # while notebook 03 goes on (456 MiB at the full size).
-    chunks = key_chunks(store, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        chunks = tqdm(chunks, total=-(-len(store) // batch_size), desc="kNN targets",
-                      unit="batch")
-    # an interrupted run leaves no half-written cache, and the old one until the new is in
-    with atomic_dir(folder, TARGET_FILES, "a kNN-targets") as tmp:
-        ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (len(store), k))
-        probs = np.lib.format.open_memmap(tmp / "probs.npy", "w+", np.float16,
-                                          (len(store), k))
-        for i, keys in chunks:
-            j = i + len(keys)
-            distances, neighbours = search(index, keys, k,
-                                           exclude=None if keep_self else np.arange(i, j))
-            ids[i:j], probs[i:j] = knn_distribution(
-                distances, lookup_values(store, neighbours), temperature)
-        ids.flush(), probs.flush()
-        del ids, probs
-        (tmp / "targets.json").write_text(json.dumps(meta, indent=2))
-    return _open_targets(folder, meta)
+    from .large import knn_targets_chunked
+    # One batch of keys at a time, each read through a map of its own and dropped before the
+    # next, the targets appended to their files: the pages the search read do not stay resident
+    # in store.keys' map while notebook 03 goes on (456 MiB at the full size).
+    return knn_targets_chunked(store, index, k, temperature, batch_size, progress, keep_self)
 
 
 def window_batch(keys, doc, rows, W: int) -> tuple[torch.Tensor, torch.Tensor]:

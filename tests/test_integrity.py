@@ -67,14 +67,14 @@ def test_targets_from_an_approximate_index_are_not_reused_for_an_exact_one(store
 
 
 def test_targets_are_recomputed_when_nprobe_changes(store, monkeypatch):
-    from helpers import train_decoder
+    from helpers import knn
     ivf = build_index(store, "IVF4,Flat", nprobe=1, use_gpu=False)
     precompute_knn_targets(store, ivf, k=8, temperature=10.0)
     from helpers.index import set_nprobe
     set_nprobe(ivf, 4)
     calls = []
-    real = train_decoder.search
-    monkeypatch.setattr(train_decoder, "search", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = knn.search  # what the target search calls (helpers.large.knn_targets_chunked)
+    monkeypatch.setattr(knn, "search", lambda *a, **k: calls.append(1) or real(*a, **k))
     precompute_knn_targets(store, ivf, k=8, temperature=10.0)
     assert calls  # searched again, not served from the nprobe=1 cache
     meta = json.loads((store.path / "targets_k8_t10" / "targets.json").read_text())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import helpers.train_decoder as td
+import helpers.knn as knn
 from helpers.datastore import Datastore
 from helpers.decoder import DecoderConfig, MemoryDecoder, load_decoder
 from helpers.index import build_index
@@ -136,7 +136,7 @@ def _excluded(index, store, rows):
 def test_targets_are_reused_from_disk_without_searching(setup, monkeypatch):
     store, index, targets = setup
     calls = []
-    monkeypatch.setattr(td, "search", lambda *a, **kw: calls.append(1) or search(*a, **kw))
+    monkeypatch.setattr(knn, "search", lambda *a, **kw: calls.append(1) or search(*a, **kw))
     again = precompute_knn_targets(store, index, k=8, temperature=10.0)
     assert calls == [] and isinstance(again.ids, np.memmap)
     np.testing.assert_array_equal(again.ids, targets.ids)
