@@ -1,9 +1,8 @@
 """Does a smaller batch train the decoder to a lower perplexity in the same time?
 
 Trains notebook 03's decoder once per run (a batch size and a number of epochs): that size's
-window, learning rate and
-dropout (``helpers/sizes.py``), the paper's targets that notebook 03 cached, the same seed,
-bf16 autocast where the CPU runs it natively (as the notebook). Each epoch is validated as in
+window, learning rate and dropout (``helpers/sizes.py``), the paper's targets that notebook 03
+cached, the same seed, bf16 autocast where the CPU runs it natively (as the notebook). Each epoch is validated as in
 the notebook (best α on the even held-out articles). Then the test articles are scored at
 the α chosen on validation, and each run is compared with the first: the ratio of test
 perplexities with a 95 % paired bootstrap interval over the test articles.
