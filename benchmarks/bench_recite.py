@@ -21,7 +21,9 @@ measure: ROUGE-L F1 and token F1, ratio to base with a 95 % interval).  The last
 epoch's weights are kept (no early stopping: recitation is what is measured).
 Both decoders are saved to ``data/artifacts/<size>/recite/{paper,keep_self}/``.
 ``--targets keep_self`` trains one of them only.  Writes
-``data/artifacts/bench_recite[_quick][_<targets>].json`` (``_<targets>`` when one is trained).
+``data/artifacts/bench_recite[_quick][_<targets>][_e<epochs>][_lr<lr>][_batch<n>][_seed<n>].json``
+(each part only when it differs from the defaults: both targets, 12 epochs, lr 3e-3, batch 256,
+seed 0), so runs of other settings do not overwrite the default run that notebook 05 shows.
 """
 
 from __future__ import annotations
@@ -50,6 +52,18 @@ from helpers.train_decoder import decoder_target_probs, precompute_knn_targets, 
 
 K, TEMPERATURE = 256, 300.0  # notebooks 02 and 03
 ALPHAS = np.round(np.linspace(0, 1, 21), 2)
+
+
+def results_name(quick: bool, variants: list[str], epochs: int, lr: float, batch: int,
+                 seed: int) -> str:
+    """The results file's name: ``bench_recite[_quick]``, then each setting that differs
+    from the default run's (both targets, 12 epochs, lr 3e-3, batch 256, seed 0)."""
+    return ("bench_recite" + ("_quick" if quick else "")
+            + ("" if len(variants) == 2 else "_" + variants[0])
+            + ("" if epochs == 12 else f"_e{epochs}")
+            + ("" if lr == 3e-3 else f"_lr{lr:g}")
+            + ("" if batch == 256 else f"_batch{batch}")
+            + ("" if seed == 0 else f"_seed{seed}"))
 
 
 def main() -> None:
@@ -136,9 +150,8 @@ def main() -> None:
             head_to_head[set_name] = {"rouge_l_ratio": r, "low": low, "high": high}
             print(f"{set_name}: ROUGE-L keep_self ÷ paper {r:.2f}× (95 % interval "
                   f"{low:.2f}–{high:.2f})")
-    suffix = ("" if len(decoders) == 2 else "_" + variants[0]) + \
-        ("" if args.batch == 256 else f"_batch{args.batch}")
-    write_results("bench_recite" + ("_quick" if args.quick else "") + suffix, {
+    name = results_name(args.quick, variants, args.epochs, args.lr, args.batch, args.seed)
+    write_results(name, {
         "size": size.name, "command": "python " + " ".join(sys.argv),
         "threads": torch.get_num_threads(), "decoders": rows,
         "test_ratio_keep_self_to_paper": ratio and {"ratio": ratio.ratio, "low": ratio.low,

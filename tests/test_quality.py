@@ -137,3 +137,24 @@ def test_prompt_is_stored_when_the_store_holds_the_records_tokens(tiny):
     assert not prompt_is_stored(store, tok, 8, record)  # another document
     other = dict(record, question="what is it ?")
     assert not prompt_is_stored(store, tok, 7, other)
+
+
+def _bench_recite():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_recite.py"
+    spec = importlib.util.spec_from_file_location("bench_recite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_recitation_run_of_other_settings_keeps_the_default_runs_file():
+    name = _bench_recite().results_name
+    both = ["paper", "keep_self"]
+    assert name(True, both, 12, 3e-3, 256, 0) == "bench_recite_quick"  # what notebook 05 shows
+    assert name(False, both, 12, 3e-3, 256, 0) == "bench_recite"
+    assert name(True, ["keep_self"], 8, 3e-3, 256, 0) == "bench_recite_quick_keep_self_e8"
+    assert name(True, ["keep_self"], 8, 3e-3, 256, 1) == "bench_recite_quick_keep_self_e8_seed1"
+    assert (name(True, ["keep_self"], 3, 6e-3, 64, 0)
+            == "bench_recite_quick_keep_self_e3_lr0.006_batch64")
