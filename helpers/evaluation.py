@@ -105,21 +105,11 @@ def score_rows(model, decoder, keys, doc, values, alphas=(), rows=None, chunk: i
     since a decoder window reads the rows before each one.
     ``blend_perplexities`` turns the result into perplexities for any subset.
     """
-    from .gate import DEC_FLOOR, FEATURES, gate_features_and_normaliser
-    from .sampling import LOG_FLOOR
     from .train_decoder import window_batch
 
     keys, values = np.asarray(keys), np.asarray(values)
-    if rows is None:
-        idx = np.arange(len(values))
-    else:
-        idx = np.asarray(rows)
-        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
-    alphas = np.array([float(a) for a in alphas])                          # (A,)
-    out = {"rows": idx, "alphas": alphas,
-           "features": np.empty((len(idx), len(FEATURES)), np.float32),
-           "p_base": np.empty(len(idx), np.float32), "p_dec": np.empty(len(idx), np.float32),
-           "logits_nll": np.zeros((len(idx), len(alphas)))}
+    idx = _rows(values, rows)
+    out = _empty_scores(idx, alphas)
     dev = next(decoder.parameters()).device
     sparse = decoder.config.head == "store"  # head over the store's tokens: (C, V_s) suffices
     was_training = decoder.training
@@ -130,30 +120,107 @@ def score_rows(model, decoder, keys, doc, values, alphas=(), rows=None, chunk: i
         starts = tqdm(starts, desc=desc, unit="chunk")
     for i in starts:
         r = idx[i:i + chunk]
-        part = slice(i, i + len(r))
         z = head_logits(model, keys[r])                                    # (C, V) base logits
         x, pad = window_batch(keys, doc, r, decoder.config.window)
         dec = torch.log_softmax(decoder(x.to(dev), pad.to(dev)).float(), -1).to(z.device)
-        y = torch.as_tensor(values[r], device=z.device)[:, None]           # (C, 1)
-        vocab = decoder.vocab.to(z.device) if sparse else None             # dec: (C, V_s)
-        feats, z_max, lse_z = gate_features_and_normaliser(z, dec, vocab=vocab)  # (C, 1) each
-        out["features"][part] = feats.cpu().numpy()
-        if sparse:
-            col = decoder.head_index(y[:, 0].to(dev)).to(z.device)[:, None]
-            dec_y = torch.where(col >= 0, dec.gather(1, col.clamp(min=0)), DEC_FLOOR)[:, 0]
-        else:                                                              # dec: (C, V)
-            dec_y = dec.gather(1, y)[:, 0]
-        z_y, lse_z = z.gather(1, y)[:, 0], lse_z[:, 0]
-        out["p_base"][part] = (z_y - lse_z).exp().cpu().numpy()
-        out["p_dec"][part] = dec_y.exp().cpu().numpy()
-        if len(alphas):
-            mem_y = dec_y.clamp(min=LOG_FLOOR)
-            if sparse:
-                _logit_blend_nll_sparse(out["logits_nll"][part], alphas, z, z_max, z_y, lse_z,
-                                        dec.clamp(min=LOG_FLOOR), vocab, mem_y, LOG_FLOOR)
-            else:
-                _logit_blend_nll(out["logits_nll"][part], alphas, z, z_y, lse_z,
-                                 dec.clamp(min=LOG_FLOOR), mem_y)
+        col = decoder.head_index(torch.as_tensor(values[r], device=dev)).to(z.device) \
+            if sparse else None
+        _score_chunk(out, np.arange(i, i + len(r)), z, dec, values[r],
+                     decoder.vocab.to(z.device) if sparse else None, col)
+    decoder.train(was_training)
+    return out
+
+
+def _rows(values, rows) -> np.ndarray:
+    """Row indices to score: all (``None``), a boolean mask or indices."""
+    if rows is None:
+        return np.arange(len(values))
+    idx = np.asarray(rows)
+    return np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
+
+
+def _empty_scores(idx: np.ndarray, alphas) -> dict:
+    from .gate import FEATURES
+
+    alphas = np.array([float(a) for a in alphas])                          # (A,)
+    return {"rows": idx, "alphas": alphas,
+            "features": np.empty((len(idx), len(FEATURES)), np.float32),
+            "p_base": np.empty(len(idx), np.float32), "p_dec": np.empty(len(idx), np.float32),
+            "logits_nll": np.zeros((len(idx), len(alphas)))}
+
+
+def _score_chunk(out: dict, at: np.ndarray, z, dec, y, vocab, col) -> None:
+    """Fill ``out``'s entries ``at`` from one chunk: base logits ``z (C, V)``, the
+    memory's log-probs ``dec`` (``(C, V)``, or ``(C, V_s)`` over ``vocab`` with the
+    head column ``col (C,)`` of each true token ``y (C,)``, -1 where it has none)."""
+    from .gate import DEC_FLOOR, gate_features_and_normaliser
+    from .sampling import LOG_FLOOR
+
+    alphas = out["alphas"]
+    y = torch.as_tensor(np.asarray(y), device=z.device)[:, None]          # (C, 1)
+    feats, z_max, lse_z = gate_features_and_normaliser(z, dec, vocab=vocab)  # (C, 1) each
+    out["features"][at] = feats.cpu().numpy()
+    if vocab is not None:
+        col = col[:, None]
+        dec_y = torch.where(col >= 0, dec.gather(1, col.clamp(min=0)), DEC_FLOOR)[:, 0]
+    else:                                                                  # dec: (C, V)
+        dec_y = dec.gather(1, y)[:, 0]
+    z_y, lse_z = z.gather(1, y)[:, 0], lse_z[:, 0]
+    out["p_base"][at] = (z_y - lse_z).exp().cpu().numpy()
+    out["p_dec"][at] = dec_y.exp().cpu().numpy()
+    if len(alphas):
+        nll = np.zeros((len(at), len(alphas)))
+        mem_y = dec_y.clamp(min=LOG_FLOOR)
+        if vocab is not None:
+            _logit_blend_nll_sparse(nll, alphas, z, z_max, z_y, lse_z,
+                                    dec.clamp(min=LOG_FLOOR), vocab, mem_y, LOG_FLOOR)
+        else:
+            _logit_blend_nll(nll, alphas, z, z_y, lse_z, dec.clamp(min=LOG_FLOOR), mem_y)
+        out["logits_nll"][at] = nll
+
+
+@torch.inference_mode()
+def score_token_rows(model, decoder, rows_like, alphas=(), rows=None, chunk: int = 256,
+                     batch_chunks: int = 8, overlap: int | None = None, progress: bool = True,
+                     desc: str = "scoring rows") -> dict[str, np.ndarray]:
+    """``score_rows`` for a token-level decoder (``helpers.token_decoder``, notebook 06).
+
+    The same result, row for row: the base model's head once per row, the memory's
+    distribution from the decoder reading the text's tokens instead of hidden
+    states.  ``rows_like`` is a ``HeldOut`` or an ``Extraction`` (``keys``, ``values``,
+    ``doc``, ``pos``); the decoder reads each text in chunks of its context as in
+    training (``chunk_plan``, ``overlap`` tokens of left context: a quarter of the
+    context by default, 64 of 256), ``batch_chunks`` at a time, and the head runs on
+    ``chunk`` rows at a time.
+    """
+    from .train_token_decoder import chunk_batch, chunk_plan
+
+    keys, values = np.asarray(rows_like.keys), np.asarray(rows_like.values)
+    idx = _rows(values, rows)
+    out = _empty_scores(idx, alphas)
+    where = np.full(len(values), -1, np.int64)                             # row -> place in out
+    where[idx] = np.arange(len(idx))
+    c, dev = decoder.config, next(decoder.parameters()).device
+    plan = chunk_plan(rows_like, c.context, overlap)
+    was_training = decoder.training
+    decoder.eval()
+    starts = range(0, len(plan), batch_chunks)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for i in starts:
+        ids, r = chunk_batch(rows_like, plan[i:i + batch_chunks], c.context, c.bos_id)
+        keep = (r >= 0) & (where[np.maximum(r, 0)] >= 0)                  # (B, T) wanted rows
+        if not keep.any():
+            continue
+        logp = torch.log_softmax(decoder(ids.to(dev)).float(), -1)         # (B, T, V_s)
+        logp, r = logp[torch.from_numpy(keep).to(dev)], r[keep]            # (n, V_s), (n,)
+        for j in range(0, len(r), chunk):
+            rr = r[j:j + chunk]
+            z = head_logits(model, keys[rr])                               # (C, V)
+            col = decoder.head_index(torch.as_tensor(values[rr], device=dev)).to(z.device)
+            _score_chunk(out, where[rr], z, logp[j:j + chunk].to(z.device), values[rr],
+                         decoder.vocab.to(z.device), col)
     decoder.train(was_training)
     return out
 

@@ -280,6 +280,18 @@ def gate_inputs(model, decoder, keys, doc, values, chunk: int = 128,
     return {k: scores[k] for k in ("features", "p_base", "p_dec")}
 
 
+def token_gate_inputs(model, decoder, rows_like, chunk: int = 128,
+                      progress: bool = True) -> dict:
+    """``gate_inputs`` for a token-level decoder (notebook 06): ``rows_like`` is a
+    ``HeldOut`` or an ``Extraction``, whose tokens the decoder reads
+    (``helpers.evaluation.score_token_rows``)."""
+    from .evaluation import score_token_rows
+
+    scores = score_token_rows(model, decoder, rows_like, chunk=chunk, progress=progress,
+                              desc="gate signals")
+    return {k: scores[k] for k in ("features", "p_base", "p_dec")}
+
+
 def save_gate(gate: AlphaGate, folder) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``folder`` (atomically)."""
     return save_checkpoint(gate, asdict(gate.config), folder)

@@ -22,7 +22,8 @@ and its output at ``pos[r]`` is trained towards row ``r``'s targets.
 chunks of up to ``context`` tokens of one text, and *every* position of a
 chunk is a target -- each store row exactly once per epoch.  A text longer
 than ``context`` is cut like ``extract_keys`` cuts it: each later chunk
-repeats ``overlap`` tokens as left context and predicts only after them.
+repeats ``overlap`` tokens as left context and predicts only after them
+(a quarter of the context unless given: 64 of 256, as ``extract_keys``).
 """
 
 from __future__ import annotations
@@ -85,14 +86,14 @@ def token_windows(store, rows, context: int, bos_id: int) -> tuple[torch.Tensor,
     return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(p - lo)
 
 
-def chunk_plan(store, context: int, overlap: int = 64) -> np.ndarray:
+def chunk_plan(store, context: int, overlap: int | None = None) -> np.ndarray:
     """Chunks ``(first_row, start, first_target, end)`` ``(C, 4)`` covering every row once.
 
     A chunk reads positions ``start .. end-1`` of the text whose first row is
     ``first_row`` and is trained on positions ``first_target .. end-1``.
     """
     T = check_int("context", context, 2, example=256)
-    overlap = check_int("overlap", overlap, 0, example=64)
+    overlap = T // 4 if overlap is None else check_int("overlap", overlap, 0, example=64)
     if overlap >= T:
         raise ValueError(f"overlap must be < context ({T}); got {overlap}. Pass e.g. "
                          f"overlap={T // 4}.")
@@ -133,7 +134,7 @@ def chunk_batch(store, plan: np.ndarray, context: int,
 
 def train_token_decoder(decoder: TokenMemoryDecoder, store, targets: KnnTargets, *,
                         bos_id: int | None = None, epochs: int = 2, lr: float = 1e-3,
-                        batch_size: int = 1, beta: float = 0.5, overlap: int = 64,
+                        batch_size: int = 1, beta: float = 0.5, overlap: int | None = None,
                         weight_decay: float = 0.01, warmup_frac: float = 0.05,
                         eval_fn=None, seed: int = 0, max_steps: int | None = None,
                         progress: bool = True) -> dict:
@@ -211,7 +212,7 @@ def train_token_decoder(decoder: TokenMemoryDecoder, store, targets: KnnTargets,
 
 @torch.inference_mode()
 def token_target_probs(decoder: TokenMemoryDecoder, rows_like, bos_id: int | None = None,
-                       overlap: int = 64, batch_size: int = 16,
+                       overlap: int | None = None, batch_size: int = 16,
                        floor: float = -30.0) -> np.ndarray:
     """``p_dec(true next token)`` float32 for every row of ``rows_like`` (a store or a
     ``HeldOut``), chunk by chunk like training.  Tokens the head lacks get ``exp(floor)``."""

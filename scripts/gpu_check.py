@@ -50,11 +50,11 @@ PARAMETERS = {"05": {"BUILD_MISSING": True}}
 # On the CPU only: notebook 03 trains a narrower decoder for fewer steps, 04 its gates for
 # fewer steps (the same cells run; only their sizes change).
 CPU_PARAMETERS = {"03": {"DECODER_DIM": 32, "MAX_STEPS": 4}, "04": {"GATE_STEPS": 20},
-                  "06": {"TOKEN_DIM": 32, "MAX_STEPS": 4}}
+                  "06": {"TOKEN_DIM": 32, "MAX_STEPS": 4, "GATE_STEPS": 20}}
 NOTEBOOKS = ["01_hidden_states", "02_datastore_knn_lm", "03_train_memory_decoder",
              "04_blended_sampling", "05_chat_panel", "06_token_memory"]
 # What each notebook's kernel reports the device of: the model and every memory beside it.
-RECORDED = ("model", "decoder", "gate", "hidden_decoder", "token_decoder")
+RECORDED = ("model", "decoder", "gate", "hidden_decoder", "token_decoder", "token_gate")
 
 # Runs in each notebook's kernel before its first cell (IPython startup file).
 STARTUP = '''

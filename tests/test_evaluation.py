@@ -156,3 +156,50 @@ def test_sparse_logit_blend_equals_the_dense_one_at_every_alpha():
                             mem_in.clamp(min=floor), vocab, mem_y, floor)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert np.isfinite(got).all() and (got > 0).all()
+
+
+def test_token_rows_score_each_row_from_its_own_tokens_and_the_base_head(tiny, data_dir,
+                                                                        store_index):
+    """Notebook 06's gate reads the token decoder the way notebook 04's reads the hidden-state
+    one: for every held-out row, the base head's logits and the decoder's distribution
+    after that row's tokens give p_base, p_dec, the gate's signals and the logit blend of
+    each α, in ``rows`` order.  The decoder reads each text in chunks of its context, as
+    in training (``token_target_probs``); a row in a text's first chunk has read its whole
+    text so far, which ``token_windows`` gives one row at a time."""
+    import torch
+
+    from helpers.evaluation import score_token_rows
+    from helpers.gate import gate_features
+    from helpers.knn import head_logits
+    from helpers.sampling import blend_logits
+    from helpers.token_decoder import TokenMemoryDecoder
+    from helpers.train_token_decoder import token_target_probs, token_windows
+
+    model, tok = tiny
+    ev = heldout_eval(model, tok, TEXTS, "tiny")
+    torch.manual_seed(0)
+    dec = TokenMemoryDecoder.from_store(store_index[0], len(tok), tok.bos_token_id, dim=32,
+                                        n_layers=1, n_heads=4, context=6, dropout=0.0).eval()
+    rows = np.flatnonzero(ev.doc % 2 == 0)[::-1]           # any order: kept in the result
+    got = score_token_rows(model, dec, ev, [0.0, 0.4], rows=rows, chunk=3, batch_chunks=2,
+                           overlap=2, progress=False)
+    assert got["rows"].tolist() == rows.tolist()
+    np.testing.assert_allclose(got["p_dec"], token_target_probs(dec, ev, overlap=2)[rows],
+                               rtol=1e-4, atol=1e-12)
+    first = ev.pos[rows] < 6                                # rows of a text's first chunk
+    assert 0 < first.sum() < len(rows)                      # later chunks were read too
+    rows = rows[first]
+    got = {k: got[k][first] for k in ("p_base", "features", "logits_nll")}
+    ids, at = token_windows(ev, rows, 6, tok.bos_token_id)                 # (R, 6), (R,)
+    with torch.no_grad():
+        mem = dec.log_probs_full(dec(ids)[torch.arange(len(rows)), at])   # (R, V), floored
+        small = torch.log_softmax(dec(ids)[torch.arange(len(rows)), at].float(), -1)
+    z = head_logits(model, ev.keys[rows])
+    y = torch.as_tensor(ev.values[rows])[:, None]
+    np.testing.assert_allclose(got["p_base"], torch.softmax(z, -1).gather(1, y)[:, 0],
+                               rtol=1e-4)
+    np.testing.assert_allclose(got["features"], gate_features(z, small, vocab=dec.vocab),
+                               rtol=1e-4, atol=1e-5)
+    want = -blend_logits(z, mem, 0.4, "logits").gather(1, y)[:, 0].double().numpy()
+    np.testing.assert_allclose(got["logits_nll"][:, 1], want, rtol=1e-4)
+    assert not np.allclose(got["logits_nll"][:, 1], got["logits_nll"][:, 0])

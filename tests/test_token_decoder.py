@@ -133,6 +133,19 @@ def test_chunks_cover_every_row_once_and_agree_with_token_windows(tiny_store):
     assert ids[b, :t + 1].tolist()[-4:] == window[0, :at[0] + 1].tolist()[-4:]
 
 
+def test_a_context_of_64_or_less_trains_and_scores_with_the_default_overlap(tiny_store):
+    """Notebook 06's knob CONTEXT = 64: the default overlap is a quarter of the context
+    (64 of 256), never the whole of it."""
+    store, targets, tok = tiny_store
+    assert np.array_equal(chunk_plan(store, 256), chunk_plan(store, 256, overlap=64))
+    plan = chunk_plan(store, 8)
+    assert np.array_equal(plan, chunk_plan(store, 8, overlap=2)) and len(plan) > 3
+    decoder = store_decoder(store, tok, context=8)
+    train_token_decoder(decoder, store, targets, bos_id=tok.bos_token_id, epochs=1,
+                        max_steps=2, progress=False)
+    assert np.isfinite(token_target_probs(decoder, store)).all()
+
+
 def test_a_batch_is_as_wide_as_its_longest_chunk_and_logits_do_not_change(tiny_store):
     store, _, tok = tiny_store
     plan = chunk_plan(store, context=24, overlap=4)
@@ -423,3 +436,42 @@ def test_a_base_start_works_for_gemma_1_the_hub_default_google_gemma_2b(tiny_sto
         torch.testing.assert_close(decoder(ids), want[..., decoder.vocab], atol=1e-5,
                                    rtol=1e-5)
     assert decoder.config.trunk_config["model_type"] == "gemma"
+
+
+def test_a_gate_trained_for_the_token_decoder_weighs_each_generated_token(tiny, tiny_store):
+    """Notebook 06's α gate: trained on token_gate_inputs, it sets α_t at every step of
+    generate from the base logits and the token decoder's distribution, as in notebook
+    04; another decoder is refused."""
+    from helpers.gate import GateMismatch, gate_features, token_gate_inputs, train_gate
+    from helpers.knn import base_target_probs
+    from helpers.sampling import generate
+
+    model, tok = tiny
+    store, _, _ = tiny_store
+    decoder = store_decoder(store, tok).eval()
+    ex, p_base = base_target_probs(model, tok, list(STORE_TEXTS[:2]))
+    inputs = token_gate_inputs(model, decoder, ex, chunk=3, progress=False)
+    np.testing.assert_allclose(inputs["p_base"], p_base, rtol=1e-4)
+    gate, _ = train_gate([inputs], steps=5, decoder=decoder)
+    prompt = "the data subject"
+    kw = dict(mode="memdec", temperature=0, top_k=10, max_new_tokens=5)
+    steps = list(generate(model, tok, prompt, decoder=decoder, alpha=0.7, gate=gate,
+                          adaptive=True, **kw))
+    ids = tok(prompt)["input_ids"]
+    for step in steps:
+        with torch.no_grad():
+            base = model(input_ids=torch.tensor([ids])).logits[:, -1]
+            mem = torch.log_softmax(decoder(torch.tensor([ids]))[:, -1].float(), -1)
+            want = 0.7 * gate(gate_features(base, mem, vocab=decoder.vocab))
+        assert step.alpha == pytest.approx(float(want), abs=1e-4)
+        ids = ids + [step.token_id]
+    assert len({round(s.alpha, 6) for s in steps}) > 1  # it changes token by token
+    with pytest.raises(GateMismatch, match="decoder"):
+        generate(model, tok, prompt, decoder=store_decoder(store, tok, seed=1).eval(),
+                 alpha=0.7, gate=gate, adaptive=True, **kw)
+    from helpers.chat import ChatPanel
+    panel = ChatPanel(model, tok, decoder=decoder, gate=gate, adaptive=True, mode="memdec",
+                      alpha=1.0, temperature=0, top_k=10, max_new_tokens=4)
+    assert panel.send(prompt) is not None, panel.status.value
+    assert panel.wait(60), "the answer did not finish"
+    assert any(note.startswith("Adaptive α: mean") for note in panel.last_notes), panel.last_notes
