@@ -114,10 +114,7 @@ def score_rows(model, decoder, keys, doc, values, alphas=(), rows=None, chunk: i
     sparse = decoder.config.head == "store"  # head over the store's tokens: (C, V_s) suffices
     was_training = decoder.training
     decoder.eval()
-    starts = range(0, len(idx), chunk)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=desc, unit="chunk")
+    starts = _bar(range(0, len(idx), chunk), progress, desc, "chunk")
     for i in starts:
         r = idx[i:i + chunk]
         z = head_logits(model, keys[r])                                    # (C, V) base logits
@@ -129,6 +126,14 @@ def score_rows(model, decoder, keys, doc, values, alphas=(), rows=None, chunk: i
                      decoder.vocab.to(z.device) if sparse else None, col)
     decoder.train(was_training)
     return out
+
+
+def _bar(steps, progress: bool, desc: str, unit: str):
+    """``steps``, behind a ``tqdm.auto`` bar when ``progress``."""
+    if not progress:
+        return steps
+    from tqdm.auto import tqdm
+    return tqdm(steps, desc=desc, unit=unit)
 
 
 def _rows(values, rows) -> np.ndarray:
@@ -204,10 +209,7 @@ def score_token_rows(model, decoder, rows_like, alphas=(), rows=None, chunk: int
     plan = chunk_plan(rows_like, c.context, overlap)
     was_training = decoder.training
     decoder.eval()
-    starts = range(0, len(plan), batch_chunks)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=desc, unit="batch")
+    starts = _bar(range(0, len(plan), batch_chunks), progress, desc, "batch")
     for i in starts:
         ids, r = chunk_batch(rows_like, plan[i:i + batch_chunks], c.context, c.bos_id)
         keep = (r >= 0) & (where[np.maximum(r, 0)] >= 0)                  # (B, T) wanted rows
