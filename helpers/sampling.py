@@ -337,9 +337,12 @@ def _check_adaptive(mode, gate, decoder) -> None:
                          f"mode='memdec' with adaptive=True (mode {mode!r} takes a fixed "
                          "alpha).")
     if gate is None:
+        token = isinstance(decoder, TokenMemoryDecoder)
+        where, folder = (("notebooks/06_token_memory.ipynb (section 7)", "token_alpha_gate")
+                         if token else (GATE_NOTEBOOK, "alpha_gate"))
         raise ValueError("adaptive=True needs gate=load_gate(folder): no α gate is trained "
-                         f"yet. Train one in {GATE_NOTEBOOK}; it is saved to "
-                         "data/artifacts/alpha_gate/.")
+                         f"yet. Train one in {where}; it is saved to "
+                         f"data/artifacts/{folder}/.")
     check_gate(gate, decoder)
 
 

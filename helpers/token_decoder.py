@@ -422,3 +422,32 @@ def load_token_decoder(folder, *, tokenizer=None, store=None,
     load_weights(decoder, folder / "model.safetensors", _advice(folder))
     return decoder.to(device).eval()
 
+
+
+# Where each kind of decoder's α gate is saved, beside it in artifacts_dir(size.tag).
+GATE_FOLDERS = {"hidden": "alpha_gate",          # notebook 04, section 6
+                "token": "token_alpha_gate"}     # notebook 06, section 7
+
+
+def load_either_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
+                        store=None, vocab_size: int | None = None, output_embedding=None,
+                        device: str | torch.device = "cpu"):
+    """The decoder saved in ``folder``, of whichever kind: ``(decoder, kind)``.
+
+    ``kind`` is ``"token"`` for notebook 06's token-level checkpoint (loaded with
+    :func:`load_token_decoder`, which checks the tokenizer) and ``"hidden"`` for a
+    hidden-state one (``helpers.decoder.load_decoder``, which checks the base model,
+    tokenizer and datastore too).  ``GATE_FOLDERS[kind]`` names where its α gate is
+    saved.  The chat panel (notebook 05) opens its ``DECODER`` this way.
+    """
+    from .decoder import load_decoder
+
+    folder = Path(folder)
+    raw = read_json(folder / "config.json", _advice(folder), ()) \
+        if (folder / "config.json").is_file() else {}
+    if raw.get("kind") == KIND:
+        return load_token_decoder(folder, tokenizer=tokenizer, store=store,
+                                  device=device), "token"
+    return load_decoder(folder, base_model_name=base_model_name, tokenizer=tokenizer,
+                        store=store, vocab_size=vocab_size, output_embedding=output_embedding,
+                        device=device), "hidden"

@@ -475,3 +475,31 @@ def test_a_gate_trained_for_the_token_decoder_weighs_each_generated_token(tiny, 
     assert panel.send(prompt) is not None, panel.status.value
     assert panel.wait(60), "the answer did not finish"
     assert any(note.startswith("Adaptive α: mean") for note in panel.last_notes), panel.last_notes
+
+
+def test_the_panel_opens_either_kind_of_decoder_and_names_its_gate_folder(tiny, tiny_store,
+                                                                          tmp_path):
+    """Notebook 05's DECODER may name notebook 06's token decoder as well as notebook 03's
+    decoder; each kind's α gate has its own folder, and adaptive mode without one says
+    which notebook trains it."""
+    from helpers.sampling import generate
+    from helpers.token_decoder import GATE_FOLDERS, load_either_decoder
+
+    model, tok = tiny
+    store, _, _ = tiny_store
+    token = store_decoder(store, tok)
+    save_token_decoder(token, tmp_path / "token_decoder")
+    loaded, kind = load_either_decoder(tmp_path / "token_decoder", tokenizer=tok, store=store)
+    assert kind == "token" and isinstance(loaded, TokenMemoryDecoder)
+    ids = torch.tensor([[1, 5]])
+    torch.testing.assert_close(loaded(ids), token.eval()(ids))
+    hidden = MemoryDecoder(DecoderConfig.from_store(store, len(tok), dim=32, n_heads=4,
+                                                    n_layers=1, window=2))
+    save_decoder(hidden, tmp_path / "memory_decoder")
+    loaded, kind = load_either_decoder(tmp_path / "memory_decoder", tokenizer=tok, store=store)
+    assert kind == "hidden" and isinstance(loaded, MemoryDecoder)
+    assert GATE_FOLDERS == {"hidden": "alpha_gate", "token": "token_alpha_gate"}
+    with pytest.raises(FileNotFoundError, match="no Memory Decoder checkpoint"):
+        load_either_decoder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="notebooks/06.*token_alpha_gate"):
+        generate(model, tok, "the data", mode="memdec", decoder=token, top_k=10, adaptive=True)
