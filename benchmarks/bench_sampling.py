@@ -19,6 +19,8 @@ size's (``--quick``: the notebooks' default, ``helpers/sizes.py``), after a
 * memdec_token: memdec with the token-level decoder that notebook 06 saves
   next to the other decoder (skipped without one): it reads token ids with its
   own KV cache instead of hidden states;
+* adaptive_token: memdec_token with the α gate notebook 06 trains for it
+  (``token_alpha_gate``; skipped without one);
 * original:  ``original_style_step``: the original tutorial's loop as written
   (manceps/MemoryDecoder ``app.py``): per token, no cache, a full forward
   over the whole prefix for the logits, a body-only forward for the query,
@@ -116,6 +118,10 @@ def main() -> None:
     if (out / "token_decoder" / "config.json").exists():  # notebook 06 saves one
         from helpers.token_decoder import load_token_decoder
         token_decoder = load_token_decoder(out / "token_decoder", tokenizer=tok, store=store)
+    token_gate = None
+    if token_decoder is not None and (out / "token_alpha_gate" / "config.json").exists():
+        from helpers.gate import load_gate
+        token_gate = load_gate(out / "token_alpha_gate", decoder=token_decoder)
 
     common = dict(temperature=0, top_k=None, max_new_tokens=args.tokens + 1, seed=0)
     runs = {"base": dict(mode="base"),
@@ -127,6 +133,9 @@ def main() -> None:
     if gate is not None:
         runs["adaptive"] = dict(mode="memdec", decoder=decoder, alpha=1.0, gate=gate,
                                 adaptive=True)
+    if token_gate is not None:
+        runs["adaptive_token"] = dict(mode="memdec", decoder=token_decoder, alpha=1.0,
+                                      gate=token_gate, adaptive=True)
     per_mode = {name: [] for name in [*runs, "original"]}
     original_ids = torch.tensor([tok(prompt)["input_ids"]])
     ms_per_token(generate(model, tok, prompt, **common, **runs["base"]))  # warm-up
@@ -156,6 +165,8 @@ def main() -> None:
         results["adaptive_over_base"] = ms["adaptive"] / ms["base"]
     if "memdec_token" in ms:
         results["memdec_token_over_base"] = ms["memdec_token"] / ms["base"]
+    if "adaptive_token" in ms:
+        results["adaptive_token_over_base"] = ms["adaptive_token"] / ms["base"]
     write_results("bench_sampling" + ("_quick" if args.quick else ""), results)
 
 
