@@ -38,10 +38,13 @@ def test_notebooks_04_05_and_06_build_what_they_lack_in_an_empty_folder(tmp_path
     assert "decoder on cuda:0" in lines["04"] and "decoder on cuda:0" in lines["05"], report
     assert "hidden_decoder on cuda:0" in lines["06"], report
     assert "token_decoder on cuda:0" in lines["06"], report
+    assert "token_gate on cuda:0" in lines["06"], report   # section 7's gate, beside the model
     for n in ("04", "05", "06"):
         assert (tmp_path / "data" / n / "artifacts" / "smoke" / "memory_decoder"
                 / "config.json").is_file()
     assert (tmp_path / "data" / "06" / "artifacts" / "smoke" / "token_decoder"
+            / "run.json").is_file()
+    assert (tmp_path / "data" / "06" / "artifacts" / "smoke" / "token_alpha_gate"
             / "run.json").is_file()
 
 
