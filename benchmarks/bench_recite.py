@@ -21,9 +21,11 @@ measure: ROUGE-L F1 and token F1, ratio to base with a 95 % interval).  The last
 epoch's weights are kept (no early stopping: recitation is what is measured).
 Both decoders are saved to ``data/artifacts/<size>/recite/{paper,keep_self}/``.
 ``--targets keep_self`` trains one of them only.  Writes
-``data/artifacts/bench_recite[_quick][_<targets>][_e<epochs>][_lr<lr>][_batch<n>][_seed<n>].json``
-(each part only when it differs from the defaults: both targets, 12 epochs, lr 3e-3, batch 256,
-seed 0), so runs of other settings do not overwrite the default run that notebook 05 shows.
+``data/artifacts/bench_recite[_quick][_<targets>][_e<epochs>][_lr<lr>][_batch<n>][_seed<n>]
+[_dropout<p>][_t<tokens>].json`` (each part only when it differs from the defaults: both targets,
+12 epochs, lr 3e-3, batch 256, seed 0, dropout 0, 32 tokens), so runs with other training or answer
+settings do not overwrite the default run that notebook 05 shows.  The number of articles is
+recorded in the file, not in its name: the shipped run used ``--articles 12``.
 """
 
 from __future__ import annotations
@@ -55,15 +57,19 @@ ALPHAS = np.round(np.linspace(0, 1, 21), 2)
 
 
 def results_name(quick: bool, variants: list[str], epochs: int, lr: float, batch: int,
-                 seed: int) -> str:
-    """The results file's name: ``bench_recite[_quick]``, then each setting that differs
-    from the default run's (both targets, 12 epochs, lr 3e-3, batch 256, seed 0)."""
+                 seed: int, dropout: float = 0.0, tokens: int = 32) -> str:
+    """The results file's name: ``bench_recite[_quick]``, then each training or answer
+    setting that differs from the default run's (both targets, 12 epochs, lr 3e-3,
+    batch 256, seed 0, dropout 0, 32 tokens).  ``--articles`` is recorded in the file,
+    not in its name."""
     return ("bench_recite" + ("_quick" if quick else "")
             + ("" if len(variants) == 2 else "_" + variants[0])
             + ("" if epochs == 12 else f"_e{epochs}")
             + ("" if lr == 3e-3 else f"_lr{lr:g}")
             + ("" if batch == 256 else f"_batch{batch}")
-            + ("" if seed == 0 else f"_seed{seed}"))
+            + ("" if seed == 0 else f"_seed{seed}")
+            + ("" if dropout == 0 else f"_dropout{dropout:g}")
+            + ("" if tokens == 32 else f"_t{tokens}"))
 
 
 def main() -> None:
@@ -150,7 +156,8 @@ def main() -> None:
             head_to_head[set_name] = {"rouge_l_ratio": r, "low": low, "high": high}
             print(f"{set_name}: ROUGE-L keep_self ÷ paper {r:.2f}× (95 % interval "
                   f"{low:.2f}–{high:.2f})")
-    name = results_name(args.quick, variants, args.epochs, args.lr, args.batch, args.seed)
+    name = results_name(args.quick, variants, args.epochs, args.lr, args.batch, args.seed,
+                        args.dropout, args.tokens)
     write_results(name, {
         "size": size.name, "command": "python " + " ".join(sys.argv),
         "threads": torch.get_num_threads(), "decoders": rows,

@@ -202,9 +202,10 @@ def score_token_rows(model, decoder, rows_like, alphas=(), rows=None, chunk: int
 
     keys, values = np.asarray(rows_like.keys), np.asarray(rows_like.values)
     idx = _rows(values, rows)
-    out = _empty_scores(idx, alphas)
+    uniq, back = np.unique(idx, return_inverse=True)   # each row scored once, then copied back
+    out = _empty_scores(uniq, alphas)
     where = np.full(len(values), -1, np.int64)                             # row -> place in out
-    where[idx] = np.arange(len(idx))
+    where[uniq] = np.arange(len(uniq))
     c, dev = decoder.config, next(decoder.parameters()).device
     plan = chunk_plan(rows_like, c.context, overlap)
     was_training = decoder.training
@@ -224,7 +225,8 @@ def score_token_rows(model, decoder, rows_like, alphas=(), rows=None, chunk: int
             _score_chunk(out, where[rr], z, logp[j:j + chunk].to(z.device), values[rr],
                          decoder.vocab.to(z.device), col)
     decoder.train(was_training)
-    return out
+    return {"rows": idx, "alphas": out["alphas"],
+            **{k: out[k][back] for k in ("features", "p_base", "p_dec", "logits_nll")}}
 
 
 def _logit_blend_nll(dest: np.ndarray, alphas: np.ndarray, z, z_y, lse_z, mem, mem_y):

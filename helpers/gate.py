@@ -52,6 +52,15 @@ from .validate import ArgumentTypeError, check_float, check_int
 FEATURES = ("base_entropy", "base_max_logp", "dec_entropy", "dec_max_logp",
             "dec_logp_of_base_top", "base_logp_of_dec_top", "overlap")
 NOTEBOOK = "notebooks/04_blended_sampling.ipynb (section 6)"
+TOKEN_NOTEBOOK = "notebooks/06_token_memory.ipynb (section 7)"  # a token decoder's gate
+
+
+def gate_notebook(decoder=None) -> str:
+    """Where a gate for ``decoder`` is trained: notebook 06 for a token-level decoder
+    (``helpers.token_decoder``), notebook 04 otherwise."""
+    from .token_decoder import TokenMemoryDecoder
+
+    return TOKEN_NOTEBOOK if isinstance(decoder, TokenMemoryDecoder) else NOTEBOOK
 DEC_FLOOR = -30.0  # log p_dec of a token outside the decoder's head (as log_probs_full)
 PROB_FLOOR = 1e-12
 
@@ -317,7 +326,7 @@ def check_gate(gate: AlphaGate, decoder=None, base_model_name: str | None = None
                      "was called without decoder=), so it cannot be checked against this one")
     if diffs:
         raise GateMismatch("this α gate was trained for another setup: " + "; ".join(diffs) +
-                           f". Train a gate for this decoder in {NOTEBOOK} "
+                           f". Train a gate for this decoder in {gate_notebook(decoder)} "
                            "(helpers.gate.train_gate(..., decoder=decoder)), or load the "
                            "decoder it was trained with.")
 
@@ -325,12 +334,12 @@ def check_gate(gate: AlphaGate, decoder=None, base_model_name: str | None = None
 def load_gate(folder, *, decoder=None, base_model_name: str | None = None,
               tokenizer=None) -> AlphaGate:
     """Load a gate (eval mode), refusing one trained for another decoder or model."""
-    folder = Path(folder)
+    folder, where = Path(folder), gate_notebook(decoder)
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"no α gate at {folder} (need config.json and "
-                                f"model.safetensors). Train one in {NOTEBOOK}, which saves "
+                                f"model.safetensors). Train one in {where}, which saves "
                                 "it there with save_gate(gate, folder).")
-    advice = (f"delete {folder} and train the gate again in {NOTEBOOK}, or save it with "
+    advice = (f"delete {folder} and train the gate again in {where}, or save it with "
               "save_gate(gate, folder).")
     raw = read_json(folder / "config.json", advice, ("features",))
     known = {f.name for f in fields(GateConfig)}

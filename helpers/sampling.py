@@ -331,18 +331,18 @@ def banned_tokens(ids: list[int], n: int) -> list[int]:
 
 
 def _check_adaptive(mode, gate, decoder) -> None:
-    from .gate import NOTEBOOK as GATE_NOTEBOOK, check_gate
+    from .gate import check_gate, gate_notebook
+    from .token_decoder import GATE_FOLDERS
     if mode != "memdec":
         raise ValueError(f"adaptive α is trained on the Memory Decoder's signals; use "
                          f"mode='memdec' with adaptive=True (mode {mode!r} takes a fixed "
                          "alpha).")
     if gate is None:
-        token = isinstance(decoder, TokenMemoryDecoder)
-        where, folder = (("notebooks/06_token_memory.ipynb (section 7)", "token_alpha_gate")
-                         if token else (GATE_NOTEBOOK, "alpha_gate"))
+        folder = GATE_FOLDERS["token" if isinstance(decoder, TokenMemoryDecoder) else "hidden"]
         raise ValueError("adaptive=True needs gate=load_gate(folder): no α gate is trained "
-                         f"yet. Train one in {where}; it is saved to "
-                         f"data/artifacts/{folder}/.")
+                         f"yet. Train one in {gate_notebook(decoder)}; it is saved to "
+                         f"{folder}/ in that size's artifacts folder (data/artifacts/ at the "
+                         "full size, data/artifacts/quick/ at the quick one).")
     check_gate(gate, decoder)
 
 

@@ -429,6 +429,19 @@ GATE_FOLDERS = {"hidden": "alpha_gate",          # notebook 04, section 6
                 "token": "token_alpha_gate"}     # notebook 06, section 7
 
 
+def decoder_kind(folder) -> str:
+    """``"token"`` if ``folder``'s ``config.json`` is a token-level decoder's, else
+    ``"hidden"`` (also when it is missing or unreadable: the hidden-state loader then
+    says what is wrong with it)."""
+    import json
+
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "hidden"
+    return "token" if isinstance(raw, dict) and raw.get("kind") == KIND else "hidden"
+
+
 def load_either_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
                         store=None, vocab_size: int | None = None, output_embedding=None,
                         device: str | torch.device = "cpu"):
@@ -442,10 +455,7 @@ def load_either_decoder(folder, *, base_model_name: str | None = None, tokenizer
     """
     from .decoder import load_decoder
 
-    folder = Path(folder)
-    raw = read_json(folder / "config.json", _advice(folder), ()) \
-        if (folder / "config.json").is_file() else {}
-    if raw.get("kind") == KIND:
+    if decoder_kind(folder) == "token":
         return load_token_decoder(folder, tokenizer=tokenizer, store=store,
                                   device=device), "token"
     return load_decoder(folder, base_model_name=base_model_name, tokenizer=tokenizer,

@@ -203,3 +203,7 @@ def test_token_rows_score_each_row_from_its_own_tokens_and_the_base_head(tiny, d
     want = -blend_logits(z, mem, 0.4, "logits").gather(1, y)[:, 0].double().numpy()
     np.testing.assert_allclose(got["logits_nll"][:, 1], want, rtol=1e-4)
     assert not np.allclose(got["logits_nll"][:, 1], got["logits_nll"][:, 0])
+    twice = score_token_rows(model, dec, ev, [0.4], rows=np.r_[rows[:2], rows[:2]], chunk=3,
+                             batch_chunks=2, overlap=2, progress=False)   # a row asked twice
+    np.testing.assert_array_equal(twice["p_dec"][:2], twice["p_dec"][2:])
+    np.testing.assert_array_equal(twice["logits_nll"][:2], got["logits_nll"][:2, 1:])

@@ -158,3 +158,5 @@ def test_a_recitation_run_of_other_settings_keeps_the_default_runs_file():
     assert name(True, ["keep_self"], 8, 3e-3, 256, 1) == "bench_recite_quick_keep_self_e8_seed1"
     assert (name(True, ["keep_self"], 3, 6e-3, 64, 0)
             == "bench_recite_quick_keep_self_e3_lr0.006_batch64")
+    assert (name(True, both, 12, 3e-3, 256, 0, dropout=0.1, tokens=64)
+            == "bench_recite_quick_dropout0.1_t64")

@@ -501,5 +501,22 @@ def test_the_panel_opens_either_kind_of_decoder_and_names_its_gate_folder(tiny, 
     assert GATE_FOLDERS == {"hidden": "alpha_gate", "token": "token_alpha_gate"}
     with pytest.raises(FileNotFoundError, match="no Memory Decoder checkpoint"):
         load_either_decoder(tmp_path / "missing")
+    from helpers.token_decoder import decoder_kind
+    assert decoder_kind(tmp_path / "missing") == "hidden"             # the hidden loader explains
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(
+        (tmp_path / "memory_decoder" / "model.safetensors").read_bytes())
+    assert decoder_kind(tmp_path / "broken") == "hidden"
+    with pytest.raises(ValueError, match="notebook 03|notebooks/03"):
+        load_either_decoder(tmp_path / "broken")                     # not notebook 06's advice
+    from helpers.gate import GateMismatch, load_gate, save_gate, train_gate
+    gate, _ = train_gate([{"features": np.zeros((4, 7)), "p_base": np.full(4, 0.5),
+                           "p_dec": np.full(4, 0.5)}], steps=1, decoder=token)
+    save_gate(gate, tmp_path / "token_alpha_gate")
+    with pytest.raises(GateMismatch, match="notebooks/06"):         # a stale gate: notebook 06
+        load_gate(tmp_path / "token_alpha_gate", decoder=store_decoder(store, tok, seed=2))
+    with pytest.raises(FileNotFoundError, match="notebooks/06"):
+        load_gate(tmp_path / "no_gate", decoder=token)
     with pytest.raises(ValueError, match="notebooks/06.*token_alpha_gate"):
         generate(model, tok, "the data", mode="memdec", decoder=token, top_k=10, adaptive=True)
