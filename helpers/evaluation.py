@@ -128,12 +128,13 @@ def score_rows(model, decoder, keys, doc, values, alphas=(), rows=None, chunk: i
     return out
 
 
-def _bar(steps, progress: bool, desc: str, unit: str):
-    """``steps``, behind a ``tqdm.auto`` bar when ``progress``."""
+def _bar(steps, progress: bool, desc: str, unit: str, total: int | None = None):
+    """``steps``, behind a ``tqdm.auto`` bar when ``progress`` (``total``: its length, for
+    a generator)."""
     if not progress:
         return steps
     from tqdm.auto import tqdm
-    return tqdm(steps, desc=desc, unit=unit)
+    return tqdm(steps, desc=desc, unit=unit, total=total)
 
 
 def _rows(values, rows) -> np.ndarray:
@@ -198,7 +199,7 @@ def score_token_rows(model, decoder, rows_like, alphas=(), rows=None, chunk: int
     context by default, 64 of 256), ``batch_chunks`` at a time, and the head runs on
     ``chunk`` rows at a time.
     """
-    from .train_token_decoder import chunk_batch, chunk_plan
+    from .train_token_decoder import chunk_plan, token_logp_rows
 
     keys, values = np.asarray(rows_like.keys), np.asarray(rows_like.values)
     idx = _rows(values, rows)
@@ -206,25 +207,16 @@ def score_token_rows(model, decoder, rows_like, alphas=(), rows=None, chunk: int
     out = _empty_scores(uniq, alphas)
     where = np.full(len(values), -1, np.int64)                             # row -> place in out
     where[uniq] = np.arange(len(uniq))
-    c, dev = decoder.config, next(decoder.parameters()).device
-    plan = chunk_plan(rows_like, c.context, overlap)
-    was_training = decoder.training
-    decoder.eval()
-    starts = _bar(range(0, len(plan), batch_chunks), progress, desc, "batch")
-    for i in starts:
-        ids, r = chunk_batch(rows_like, plan[i:i + batch_chunks], c.context, c.bos_id)
-        keep = (r >= 0) & (where[np.maximum(r, 0)] >= 0)                  # (B, T) wanted rows
-        if not keep.any():
-            continue
-        logp = torch.log_softmax(decoder(ids.to(dev)).float(), -1)         # (B, T, V_s)
-        logp, r = logp[torch.from_numpy(keep).to(dev)], r[keep]            # (n, V_s), (n,)
+    plan = chunk_plan(rows_like, decoder.config.context, overlap)
+    batches = token_logp_rows(decoder, rows_like, plan, wanted=where >= 0,
+                              batch_size=batch_chunks)                     # (n,), (n, V_s)
+    for r, logp in _bar(batches, progress, desc, "batch", -(-len(plan) // batch_chunks)):
         for j in range(0, len(r), chunk):
             rr = r[j:j + chunk]
             z = head_logits(model, keys[rr])                               # (C, V)
-            col = decoder.head_index(torch.as_tensor(values[rr], device=dev)).to(z.device)
+            col = decoder.head_index(torch.as_tensor(values[rr])).to(z.device)
             _score_chunk(out, where[rr], z, logp[j:j + chunk].to(z.device), values[rr],
                          decoder.vocab.to(z.device), col)
-    decoder.train(was_training)
     return {"rows": idx, "alphas": out["alphas"],
             **{k: out[k][back] for k in ("features", "p_base", "p_dec", "logits_nll")}}
 

@@ -210,28 +210,45 @@ def train_token_decoder(decoder: TokenMemoryDecoder, store, targets: KnnTargets,
     return history
 
 
+def token_logp_rows(decoder: TokenMemoryDecoder, rows_like, plan: np.ndarray, wanted=None,
+                    bos_id=None, batch_size: int = 16):
+    """Yield ``(rows (n,), log p_dec (n, V))`` over ``rows_like``'s rows, reading the
+    chunks of ``plan`` (``chunk_plan(rows_like, decoder.config.context, overlap)``, as in
+    training) ``batch_size`` at a time, one yield per batch, in eval mode (call it under
+    ``torch.inference_mode``).  ``wanted``: a boolean mask over the rows (None: all);
+    batches without a wanted row yield nothing.  ``log p_dec`` stays on the decoder's device.
+    """
+    c = decoder.config
+    bos_id = _check_bos(c.bos_id if bos_id is None else bos_id)
+    device = next(decoder.parameters()).device
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        for i in range(0, len(plan), batch_size):
+            ids, rows = chunk_batch(rows_like, plan[i:i + batch_size], c.context, bos_id)
+            keep = rows >= 0
+            if wanted is not None:
+                keep &= wanted[np.maximum(rows, 0)]
+            if not keep.any():
+                continue
+            logp = torch.log_softmax(decoder(ids.to(device)).float(), -1)   # (B, T, V)
+            yield rows[keep], logp[torch.from_numpy(keep).to(device)]       # (n,), (n, V)
+    finally:
+        decoder.train(was_training)
+
+
 @torch.inference_mode()
 def token_target_probs(decoder: TokenMemoryDecoder, rows_like, bos_id: int | None = None,
                        overlap: int | None = None, batch_size: int = 16,
                        floor: float = -30.0) -> np.ndarray:
     """``p_dec(true next token)`` float32 for every row of ``rows_like`` (a store or a
     ``HeldOut``), chunk by chunk like training.  Tokens the head lacks get ``exp(floor)``."""
-    c = decoder.config
-    bos_id = _check_bos(c.bos_id if bos_id is None else bos_id)
-    plan = chunk_plan(rows_like, c.context, overlap)
     values = np.asarray(rows_like.values)
-    device = next(decoder.parameters()).device
-    was_training = decoder.training
-    decoder.eval()
     out = np.full(len(values), np.nan, np.float32)
-    for i in range(0, len(plan), batch_size):
-        ids, rows = chunk_batch(rows_like, plan[i:i + batch_size], c.context, bos_id)
-        keep = rows >= 0
-        logp = torch.log_softmax(decoder(ids.to(device)).float(), -1)
-        logp = logp[torch.from_numpy(keep).to(device)]                  # (N, V)
-        r = rows[keep]
-        col = decoder.head_index(values[r]).to(device)                   # (N,)
+    plan = chunk_plan(rows_like, decoder.config.context, overlap)
+    for r, logp in token_logp_rows(decoder, rows_like, plan, bos_id=bos_id,
+                                   batch_size=batch_size):
+        col = decoder.head_index(values[r]).to(logp.device)             # (N,)
         got = logp.gather(1, col.clamp(min=0)[:, None])[:, 0]
         out[r] = torch.where(col >= 0, got, floor).exp().cpu().numpy()
-    decoder.train(was_training)
     return out
