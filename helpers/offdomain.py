@@ -126,3 +126,17 @@ def split_offdomain(ds):
         raise ValueError("Need at least 2 off-domain documents to split.")
     return DatasetDict(gate=ds.select(range(0, len(ds), 2)),
                        test=ds.select(range(1, len(ds), 2)))
+
+
+def offdomain_keys(model, tokenizer, size, limit: int | None = None):
+    """``(halves, {"gate": Extraction, "test": Extraction})``: notebooks 04 and 06's off-domain
+    text, split (``split_offdomain``), cut like ``size`` cuts held-out text, and the base
+    model's last hidden states of each half.  No head pass: the gate's scoring pass runs
+    the head once per row.  ``limit``: documents per source (default: ``size``'s)."""
+    from .hidden import extract_keys
+
+    halves = split_offdomain(load_offdomain(limit=size.offdomain_docs if limit is None
+                                            else limit))
+    return halves, {part: extract_keys(model, tokenizer,
+                                       size.shorten(halves[part]["text"], tokenizer),
+                                       layer=-1, progress=True) for part in ("gate", "test")}

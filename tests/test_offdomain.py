@@ -55,3 +55,23 @@ def test_bad_arguments_say_what_is_allowed():
         load_offdomain(max_chars=10)
     with pytest.raises(ValueError, match="at least 2"):
         split_offdomain(load_offdomain(limit=1, licence_dir="/nowhere").select([0]))
+
+
+def test_offdomain_keys_are_each_halfs_text_cut_to_the_size_and_extracted(tiny):
+    """Notebooks 04 and 06 read the same off-domain halves and keys through one helper."""
+    import numpy as np
+
+    from helpers.hidden import extract_keys
+    from helpers.offdomain import offdomain_keys
+    from helpers.sizes import pick_size
+
+    model, tok = tiny
+    size = pick_size(False, True)                     # the smoke size: short texts
+    halves, keys = offdomain_keys(model, tok, size, limit=2)
+    assert set(keys) == {"gate", "test"}
+    assert halves["gate"]["text"] == split_offdomain(load_offdomain(limit=2))["gate"]["text"]
+    for part in ("gate", "test"):
+        want = extract_keys(model, tok, size.shorten(halves[part]["text"], tok), layer=-1,
+                            progress=False)
+        np.testing.assert_array_equal(keys[part].values, want.values)
+        np.testing.assert_allclose(keys[part].keys, want.keys, rtol=1e-5, atol=1e-6)
