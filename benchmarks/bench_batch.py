@@ -9,6 +9,9 @@ perplexities with a 95 % paired bootstrap interval over the test articles.
 
     python benchmarks/bench_batch.py --quick --runs 256x3,128x3,64x3
     python benchmarks/bench_batch.py --runs 256x4,128x3       # the full size
+    python benchmarks/bench_batch.py --runs 256x4,256x6d0.1   # 6 epochs with dropout 0.1
+
+A run's ``dD`` suffix sets its dropout (default: the size's).
 
 Needs that size's store and held-out pass (notebook 02) and notebook 03's cached targets.
 Training time includes the per-epoch validation, as notebook 03 reports it. Machines are
@@ -35,23 +38,38 @@ from helpers.train_decoder import decoder_target_probs, train_decoder
 ALPHAS = np.round(np.linspace(0, 1, 21), 2)  # notebook 03's grid
 
 
+def parse_runs(text: str, dropout: float) -> list[tuple[int, int, float]]:
+    """``"256x4,256x6d0.1"`` -> ``[(256, 4, dropout), (256, 6, 0.1)]``."""
+    runs = []
+    for r in text.split(","):
+        head, _, p = r.partition("d")
+        try:
+            b, epochs = (int(n) for n in head.split("x"))
+            p = float(p) if p else dropout
+        except ValueError:
+            b = epochs = p = -1
+        if min(b, epochs) < 1 or not 0 <= p < 1:
+            raise SystemExit(f"--runs takes BATCHxEPOCHS[dDROPOUT] separated by commas, e.g. "
+                             f"256x4,128x3,256x6d0.1 (dropout in [0, 1)); got {r!r}.")
+        runs.append((b, epochs, p))
+    return runs
+
+
+def run_name(b: int, epochs: int, p: float, dropout: float) -> str:
+    return f"{b}x{epochs}" + (f"d{p:g}" if p != dropout else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the quick size (default full)")
     ap.add_argument("--runs", default="256x4,128x3",
-                    help="BATCHxEPOCHS per run, the reference first")
+                    help="BATCHxEPOCHS[dDROPOUT] per run, the reference first")
     ap.add_argument("--lr", type=float, default=None, help="default: the size's")
     args = ap.parse_args()
-    try:
-        runs_asked = [tuple(int(n) for n in r.split("x")) for r in args.runs.split(",")]
-    except ValueError:
-        runs_asked = []
-    if not runs_asked or any(len(r) != 2 or min(r) < 1 for r in runs_asked):
-        raise SystemExit(f"--runs takes BATCHxEPOCHS separated by commas, e.g. 256x4,128x3; "
-                         f"got {args.runs!r}.")
     size = pick_size(not args.quick)
     lr = by_size(args.lr, size, "lr")
     window, dropout = by_size(None, size, "window"), by_size(None, size, "dropout")
+    runs_asked = parse_runs(args.runs, dropout)
 
     model, tok = load_base_model(EMBEDDED_MODEL)
     vocab = model.config.get_text_config().vocab_size
@@ -70,12 +88,12 @@ def main() -> None:
         return min(perplexity(interpolate(ev.p_base[ev.valid], p, a)) for a in ALPHAS)
 
     runs, nll = {}, {}
-    first = "{}x{}".format(*runs_asked[0])
-    for b, epochs in runs_asked:
-        name = f"{b}x{epochs}"
+    first = run_name(*runs_asked[0], dropout)
+    for b, epochs, p in runs_asked:
+        name = run_name(b, epochs, p, dropout)
         torch.manual_seed(0)
         dec = MemoryDecoder(DecoderConfig.from_store(store, vocab, dim=256, window=window,
-                                                     head="store", dropout=dropout))
+                                                     head="store", dropout=p))
         tic = time.perf_counter()
         history = train_decoder(dec, store, targets, epochs=epochs, lr=lr, batch_size=b,
                                 beta=0.5, eval_fn=validation, patience=2, seed=0,
@@ -84,7 +102,8 @@ def main() -> None:
         p_dec = decoder_target_probs(dec, ev.keys, ev.doc, ev.values)
         alpha, valid, test = best_alpha(ev.p_base, p_dec, ev.valid, ev.test, ALPHAS)
         nll[name] = token_nll(interpolate(ev.p_base[ev.test], p_dec[ev.test], alpha))
-        runs[name] = {"batch_size": b, "epochs": epochs, "steps": len(history["loss"]),
+        runs[name] = {"batch_size": b, "epochs": epochs, "dropout": p,
+                      "steps": len(history["loss"]),
                       "train_seconds": round(seconds, 1),
                       "samples_per_s": round(len(history["loss"]) * b / seconds),
                       "valid_per_epoch": [round(v, 3) for v in history["eval"]],
@@ -94,12 +113,14 @@ def main() -> None:
             r = perplexity_ratio(nll[name], nll[first], ev.doc[ev.test], seed=0)
             runs[name]["test_ratio_to_first"] = {"ratio": r.ratio, "low": r.low,
                                                  "high": r.high, "articles": r.groups}
-        print(f"batch {b}, {epochs} epochs: {runs[name]['steps']} steps in {seconds:.0f} s; "
+        print(f"batch {b}, {epochs} epochs, dropout {p:g}: {runs[name]['steps']} steps in "
+              f"{seconds:.0f} s; "
               f"validation per epoch {runs[name]['valid_per_epoch']}; α {alpha}; test "
               f"perplexity {test:.2f}" + (f"; ÷ {first}: {r}" if name != first else ""),
               flush=True)
     write_results("bench_batch" + ("_quick" if args.quick else ""), {
-        "size": size.name, "keys": len(store), "window": window, "lr": lr, "dropout": dropout,
+        "size": size.name, "keys": len(store), "window": window, "lr": lr,
+        "dropout": dropout,
         "autocast": str(autocast), "threads": torch.get_num_threads(), "runs": runs})
 
 

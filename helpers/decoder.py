@@ -45,6 +45,10 @@ from .paths import CorruptFile, load_weights, read_json, require_keys, save_chec
 from .validate import ArgumentTypeError, check_float, check_int
 
 HEADS = ("store", "tied", "full")
+# Up to this many rows, inference runs the written-out layers (_layer_inference):
+# faster at batch 1 (generation), slower than the library's fused kernel from
+# about 16 rows (measured at W = 4, dim 256 on 2 cores), so larger batches keep it.
+SMALL_BATCH = 8
 NOTEBOOK = "notebooks/03_train_memory_decoder.ipynb"
 
 
@@ -211,8 +215,13 @@ class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
             for layer in self.encoder.layers:
                 h = _one_position(layer, h)
             return self.norm(h[:, -1])                           # (B, dim)
-        mask = self._attention_mask(pad_mask, *x.shape[:2], x.device)
         *body, last = self.encoder.layers
+        if not self.training and len(x) <= SMALL_BATCH:  # generation: fewer, plainer calls
+            allowed = _allowed(pad_mask, c.window, x.device)    # (B | 1, 1, W, W)
+            for layer in body:
+                h = _layer_inference(layer, h, allowed)
+            return self.norm(_layer_inference(last, h, allowed, last_only=True)[:, -1])
+        mask = self._attention_mask(pad_mask, *x.shape[:2], x.device)
         for layer in body:                 # what self.encoder(h, mask) does, minus the
             h = layer(h, src_mask=mask)    # per-call checks that cost ms at batch 1
         return self.norm(_last_position(last, h, mask))          # (B, dim)
@@ -275,6 +284,48 @@ def _one_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor) -> torch.T
         value = (value.unflatten(-1, (heads, dim // heads)) * keep).flatten(-2)
     h = h + layer.dropout1(attn.out_proj(value))
     return h + layer._ff_block(layer.norm2(h))
+
+
+def _allowed(pad_mask: torch.Tensor | None, W: int, device) -> torch.Tensor:
+    """Bool ``(B | 1, 1, W, W)``, True = may attend: ``~MemoryDecoder._attention_mask``,
+    shared by every head (the shape ``scaled_dot_product_attention`` broadcasts)."""
+    i = torch.arange(W, device=device)
+    allowed = (i[None, :] <= i[:, None])[None, None]              # (1, 1, W, W) causal
+    if pad_mask is not None:  # a padded slot still sees itself: no row fully blocked
+        allowed = allowed & (~pad_mask[:, None, None, :] | (i[:, None] == i[None, :]))
+    return allowed
+
+
+def _layer_inference(layer: nn.TransformerEncoderLayer, h: torch.Tensor,
+                     allowed: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """``layer(h, src_mask=...)`` in eval mode, written out: ``(B, W, dim)``.
+
+    The ``norm_first`` layer as plain functional calls -- LayerNorm, one
+    query/key/value projection, ``scaled_dot_product_attention``, output
+    projection, feed-forward -- without ``nn.MultiheadAttention``'s argument
+    handling, which costs more than the arithmetic at batch 1: generation
+    with the ``W = 4`` decoder runs about a millisecond per token faster
+    (``benchmarks/bench_sampling.py``); used for batches of up to
+    ``SMALL_BATCH`` rows.  ``last_only`` computes the output of
+    the last position only (``(B, 1, dim)``; the keys and values still come
+    from the whole window), as ``_last_position`` does.  No dropout: the
+    training path keeps the library's layers (``tests/test_decoder.py``
+    checks that both give the same numbers).
+    """
+    attn = layer.self_attn
+    B, W, dim = h.shape
+    heads = attn.num_heads
+    normed = F.layer_norm(h, (dim,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    qkv = F.linear(normed, attn.in_proj_weight, attn.in_proj_bias)        # (B, W, 3 dim)
+    q, k, v = qkv.view(B, W, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)  # (B, H, W, d)
+    if last_only:
+        q, allowed, h = q[:, :, -1:], allowed[:, :, -1:], h[:, -1:]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)        # (B, H, W', d)
+    h = h + F.linear(o.transpose(1, 2).reshape(B, -1, dim), attn.out_proj.weight,
+                     attn.out_proj.bias)
+    normed = F.layer_norm(h, (dim,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    up = layer.activation(F.linear(normed, layer.linear1.weight, layer.linear1.bias))
+    return h + F.linear(up, layer.linear2.weight, layer.linear2.bias)
 
 
 def _last_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor,

@@ -50,7 +50,7 @@ def _check_alpha(alpha) -> float:
 
 
 def blend_logits(base_logits: torch.Tensor, memory_logp, alpha: float,
-                 mode: str = "logits") -> torch.Tensor:
+                 mode: str = "logits", base_logp: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities ``(..., V)`` of the base model mixed with a memory.
 
     ``base_logits`` are the model's logits, ``memory_logp`` the memory's
@@ -59,13 +59,16 @@ def blend_logits(base_logits: torch.Tensor, memory_logp, alpha: float,
     tokens ``ids`` only (the kNN neighbours' tokens, a decoder head over the
     datastore's vocabulary) -- the same blend, without ``V``-wide work on
     the memory's side.  ``alpha=0`` returns the base model's and ``alpha=1``
-    the memory's distribution exactly.
+    the memory's distribution exactly.  ``base_logp``: the base model's
+    log-probabilities ``log_softmax(base_logits)`` if the caller has them
+    already (the generation loop does), so they are not computed twice.
     """
     alpha = _check_alpha(alpha)
     if mode not in BLENDS:
         raise ValueError(f"mode must be 'logits' (geometric mixture, the original "
                          f"tutorial) or 'probs' (kNN-LM mixture); got {mode!r}.")
-    base = torch.log_softmax(base_logits.float(), dim=-1)        # (..., V)
+    base = (torch.log_softmax(base_logits.float(), dim=-1) if base_logp is None
+            else base_logp.float())                              # (..., V)
     if alpha == 0.0:
         return base
     if isinstance(memory_logp, tuple):
@@ -430,7 +433,7 @@ def _steps(model, tokenizer, ids, *, memory, layer, W, alpha, blend, temperature
                 ids, lp = None, mem[0].to(device)                   # (V,)
                 mem, top = lp, int(lp.argmax())
             a = alpha if gate is None else float(gate.alpha(logits, lp, alpha, ids)[0])
-            logp = blend_logits(logits, mem, a, blend)
+            logp = blend_logits(logits, mem, a, blend, base_logp=base)
         banned = banned_tokens(new_ids, no_repeat_ngram)
         allowed = logp.index_fill(0, torch.tensor(banned, device=device), float("-inf")) \
             if banned else logp                                   # (V,)

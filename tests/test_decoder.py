@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.decoder import (DecoderConfig, DecoderMismatch, MemoryDecoder, load_decoder,
-                             save_decoder)
+from helpers.decoder import (SMALL_BATCH, DecoderConfig, DecoderMismatch, MemoryDecoder,
+                             load_decoder, save_decoder)
 from helpers.model import tokenizer_fingerprint
 from tests.conftest import make_tokenizer
 from tests.test_train_decoder import make_store
@@ -109,6 +109,30 @@ def test_the_last_layer_computes_only_the_last_position_as_the_full_layer_would(
     if train:
         (fast * torch.randn_like(fast)).sum().backward()  # a plain sum of a LayerNorm is flat
         assert decoder.encoder.layers[-1].self_attn.in_proj_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("B", [1, SMALL_BATCH, SMALL_BATCH + 1])
+def test_small_batches_run_the_written_out_layers_with_the_library_layers_numbers(B):
+    """Up to SMALL_BATCH rows, inference skips nn.MultiheadAttention (_layer_inference);
+    its outputs must be those of the library's layers, padding included."""
+    from helpers import decoder as module
+    decoder = tiny(dropout=0.0)
+    x = inputs(B=B, seed=B)
+    pad = torch.rand(B, 3, generator=torch.Generator().manual_seed(B)) < 0.4
+    pad[:, -1] = False  # the predicting slot is always real
+    h = decoder.inp(torch.where(pad[..., None], 0.0, x)) + decoder.pos
+    mask = decoder._attention_mask(pad, B, 3, x.device)
+    with torch.no_grad():
+        want = decoder.norm(decoder.encoder(h, mask=mask)[:, -1])
+        calls = []
+        original = module._layer_inference
+        module._layer_inference = lambda *a, **k: calls.append(1) or original(*a, **k)
+        try:
+            got = decoder.hidden(x, pad)
+        finally:
+            module._layer_inference = original
+    assert len(calls) == (decoder.config.n_layers if B <= SMALL_BATCH else 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -116,6 +116,11 @@ def test_a_sparse_memory_blends_like_the_same_memory_written_out_densely(mode, a
     dense[:, ids] = logp
     torch.testing.assert_close(blend_logits(base, (ids, logp), alpha, mode),
                                blend_logits(base, dense, alpha, mode))
+    # the generation loop passes the base log-probs it has already computed
+    given = torch.log_softmax(base, -1)
+    for memory in ((ids, logp), dense):
+        torch.testing.assert_close(blend_logits(base, memory, alpha, mode, base_logp=given),
+                                   blend_logits(base, memory, alpha, mode))
 
 
 def test_blend_refuses_alpha_outside_zero_one():
