@@ -1,0 +1,34 @@
+"""benchmarks/bench_batch.py: what its --runs mean (the training itself is a benchmark)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+FOLDER = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench_batch():
+    sys.path.insert(0, str(FOLDER))  # it imports bench_dropout from its own folder
+    try:
+        spec = importlib.util.spec_from_file_location("bench_batch", FOLDER / "bench_batch.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(FOLDER))
+    return module
+
+
+def test_a_run_takes_the_sizes_dropout_unless_its_suffix_sets_one(bench_batch):
+    runs = bench_batch.parse_runs("256x4,128x3,256x6d0.1", dropout=0.05)
+    assert runs == [(256, 4, 0.05), (128, 3, 0.05), (256, 6, 0.1)]
+    names = [bench_batch.run_name(*r, dropout=0.05) for r in runs]
+    assert names == ["256x4", "128x3", "256x6d0.1"]  # the default runs keep their old names
+
+
+@pytest.mark.parametrize("text", ["", "256", "256x0", "256x4d1", "256x4d-0.1", "256x4dx",
+                                  "ax4", "256x4,"])
+def test_a_malformed_run_is_refused_with_the_syntax(bench_batch, text):
+    with pytest.raises(SystemExit, match=r"BATCHxEPOCHS\[dDROPOUT\].*256x6d0.1"):
+        bench_batch.parse_runs(text, dropout=0.0)
