@@ -42,15 +42,19 @@ def parse_runs(text: str, dropout: float) -> list[tuple[int, int, float]]:
     """``"256x4,256x6d0.1"`` -> ``[(256, 4, dropout), (256, 6, 0.1)]``."""
     runs = []
     for r in text.split(","):
-        head, _, p = r.partition("d")
+        head, d, p = r.partition("d")
         try:
             b, epochs = (int(n) for n in head.split("x"))
-            p = float(p) if p else dropout
+            p = float(p) if d else dropout
         except ValueError:
             b = epochs = p = -1
         if min(b, epochs) < 1 or not 0 <= p < 1:
             raise SystemExit(f"--runs takes BATCHxEPOCHS[dDROPOUT] separated by commas, e.g. "
-                             f"256x4,128x3,256x6d0.1 (dropout in [0, 1)); got {r!r}.")
+                             f"256x4,128x3,256x6d0.1 (batch and epochs >= 1, dropout in [0, 1)); "
+                             f"got {r!r}.")
+        if (b, epochs, p) in runs:
+            raise SystemExit(f"--runs asks for {r!r} twice ({run_name(b, epochs, p, dropout)} "
+                             f"with the size's dropout {dropout:g}); give each run once.")
         runs.append((b, epochs, p))
     return runs
 

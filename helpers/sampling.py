@@ -61,14 +61,21 @@ def blend_logits(base_logits: torch.Tensor, memory_logp, alpha: float,
     the memory's side.  ``alpha=0`` returns the base model's and ``alpha=1``
     the memory's distribution exactly.  ``base_logp``: the base model's
     log-probabilities ``log_softmax(base_logits)`` if the caller has them
-    already (the generation loop does), so they are not computed twice.
+    already (the generation loop does), so they are not computed twice; at
+    ``alpha=0`` that tensor itself is returned.
     """
     alpha = _check_alpha(alpha)
+    if base_logp is not None and (not isinstance(base_logp, torch.Tensor)
+                                  or base_logp.shape != base_logits.shape):
+        raise ValueError(f"base_logp must be the tensor log_softmax(base_logits) of shape "
+                         f"{tuple(base_logits.shape)}; got "
+                         f"{getattr(base_logp, 'shape', type(base_logp).__name__)}. Leave it "
+                         "out to have it computed here.")
     if mode not in BLENDS:
         raise ValueError(f"mode must be 'logits' (geometric mixture, the original "
                          f"tutorial) or 'probs' (kNN-LM mixture); got {mode!r}.")
     base = (torch.log_softmax(base_logits.float(), dim=-1) if base_logp is None
-            else base_logp.float())                              # (..., V)
+            else base_logp.float().to(base_logits.device))       # (..., V)
     if alpha == 0.0:
         return base
     if isinstance(memory_logp, tuple):

@@ -28,7 +28,14 @@ def test_a_run_takes_the_sizes_dropout_unless_its_suffix_sets_one(bench_batch):
 
 
 @pytest.mark.parametrize("text", ["", "256", "256x0", "256x4d1", "256x4d-0.1", "256x4dx",
-                                  "ax4", "256x4,"])
+                                  "256x4d", "ax4", "256x4,"])
 def test_a_malformed_run_is_refused_with_the_syntax(bench_batch, text):
     with pytest.raises(SystemExit, match=r"BATCHxEPOCHS\[dDROPOUT\].*256x6d0.1"):
+        bench_batch.parse_runs(text, dropout=0.0)
+
+
+@pytest.mark.parametrize("text", ["256x4,256x4", "256x4,256x4d0", "256x4d0.1,256x4d0.10"])
+def test_the_same_run_asked_twice_is_refused(bench_batch, text):
+    """Two runs of one name would overwrite each other's results and the reference."""
+    with pytest.raises(SystemExit, match="twice"):
         bench_batch.parse_runs(text, dropout=0.0)

@@ -121,6 +121,9 @@ def test_a_sparse_memory_blends_like_the_same_memory_written_out_densely(mode, a
     for memory in ((ids, logp), dense):
         torch.testing.assert_close(blend_logits(base, memory, alpha, mode, base_logp=given),
                                    blend_logits(base, memory, alpha, mode))
+    for wrong in (given[0], given.numpy()):  # one row short, not a tensor
+        with pytest.raises(ValueError, match="log_softmax.*Leave it out"):
+            blend_logits(base, dense, alpha, mode, base_logp=wrong)
 
 
 def test_blend_refuses_alpha_outside_zero_one():
