@@ -11,13 +11,16 @@ perplexities with a 95 % paired bootstrap interval over the test articles.
     python benchmarks/bench_batch.py --runs 256x4,128x3       # the full size
     python benchmarks/bench_batch.py --runs 256x4,256x6d0.1   # 6 epochs with dropout 0.1
 
-A run's ``dD`` suffix sets its dropout (default: the size's).
+A run's ``dD`` suffix sets its dropout (default: the size's), an ``sN`` suffix its seed
+(initial weights and batch order; default 0): ``256x4,256x4s1,256x4s2`` shows how much
+the test perplexity moves between draws of the same schedule.
 
 Needs that size's store and held-out pass (notebook 02) and notebook 03's cached targets.
 Training time includes the per-epoch validation, as notebook 03 reports it. Machines are
 noisy: compare the runs of one invocation only.
 """
 import argparse
+import re
 import time
 
 import numpy as np
@@ -38,36 +41,41 @@ from helpers.train_decoder import decoder_target_probs, train_decoder
 ALPHAS = np.round(np.linspace(0, 1, 21), 2)  # notebook 03's grid
 
 
-def parse_runs(text: str, dropout: float) -> list[tuple[int, int, float]]:
-    """``"256x4,256x6d0.1"`` -> ``[(256, 4, dropout), (256, 6, 0.1)]``."""
+RUN = re.compile(r"(\d+)x(\d+)(?:d([0-9.]+))?(?:s(\d+))?")
+
+
+def parse_runs(text: str, dropout: float) -> list[tuple[int, int, float, int]]:
+    """``"256x4,256x6d0.1,256x4s1"`` -> ``[(256, 4, dropout, 0), (256, 6, 0.1, 0),
+    (256, 4, dropout, 1)]``: batch, epochs, dropout, seed."""
     runs = []
     for r in text.split(","):
-        head, d, p = r.partition("d")
+        m = RUN.fullmatch(r.strip())
         try:
-            b, epochs = (int(n) for n in head.split("x"))
-            p = float(p) if d else dropout
-        except ValueError:
+            b, epochs, seed = int(m[1]), int(m[2]), int(m[4] or 0)
+            p = dropout if m[3] is None else float(m[3])
+        except (TypeError, ValueError):  # no match, or a dropout like "0.1.2"
             b = epochs = p = -1
         if min(b, epochs) < 1 or not 0 <= p < 1:
-            raise SystemExit(f"--runs takes BATCHxEPOCHS[dDROPOUT] separated by commas, e.g. "
-                             f"256x4,128x3,256x6d0.1 (batch and epochs >= 1, dropout in [0, 1)); "
-                             f"got {r!r}.")
-        if (b, epochs, p) in runs:
-            raise SystemExit(f"--runs asks for {r!r} twice ({run_name(b, epochs, p, dropout)} "
-                             f"with the size's dropout {dropout:g}); give each run once.")
-        runs.append((b, epochs, p))
+            raise SystemExit(f"--runs takes BATCHxEPOCHS[dDROPOUT][sSEED] separated by commas, "
+                             f"e.g. 256x4,128x3,256x6d0.1,256x4s1 (batch and epochs >= 1, dropout "
+                             f"in [0, 1), seed >= 0); got {r!r}.")
+        if (b, epochs, p, seed) in runs:
+            raise SystemExit(f"--runs asks for {r!r} twice "
+                             f"({run_name(b, epochs, p, seed, dropout)} with the size's dropout "
+                             f"{dropout:g}); give each run once.")
+        runs.append((b, epochs, p, seed))
     return runs
 
 
-def run_name(b: int, epochs: int, p: float, dropout: float) -> str:
-    return f"{b}x{epochs}" + (f"d{p:g}" if p != dropout else "")
+def run_name(b: int, epochs: int, p: float, seed: int, dropout: float) -> str:
+    return f"{b}x{epochs}" + (f"d{p:g}" if p != dropout else "") + (f"s{seed}" if seed else "")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the quick size (default full)")
     ap.add_argument("--runs", default="256x4,128x3",
-                    help="BATCHxEPOCHS[dDROPOUT] per run, the reference first")
+                    help="BATCHxEPOCHS[dDROPOUT][sSEED] per run, the reference first")
     ap.add_argument("--lr", type=float, default=None, help="default: the size's")
     args = ap.parse_args()
     size = pick_size(not args.quick)
@@ -93,20 +101,20 @@ def main() -> None:
 
     runs, nll = {}, {}
     first = run_name(*runs_asked[0], dropout)
-    for b, epochs, p in runs_asked:
-        name = run_name(b, epochs, p, dropout)
-        torch.manual_seed(0)
+    for b, epochs, p, seed in runs_asked:
+        name = run_name(b, epochs, p, seed, dropout)
+        torch.manual_seed(seed)  # the decoder's initial weights
         dec = MemoryDecoder(DecoderConfig.from_store(store, vocab, dim=256, window=window,
                                                      head="store", dropout=p))
         tic = time.perf_counter()
         history = train_decoder(dec, store, targets, epochs=epochs, lr=lr, batch_size=b,
-                                beta=0.5, eval_fn=validation, patience=2, seed=0,
+                                beta=0.5, eval_fn=validation, patience=2, seed=seed,
                                 progress=False, autocast=autocast)
         seconds = time.perf_counter() - tic
         p_dec = decoder_target_probs(dec, ev.keys, ev.doc, ev.values)
         alpha, valid, test = best_alpha(ev.p_base, p_dec, ev.valid, ev.test, ALPHAS)
         nll[name] = token_nll(interpolate(ev.p_base[ev.test], p_dec[ev.test], alpha))
-        runs[name] = {"batch_size": b, "epochs": epochs, "dropout": p,
+        runs[name] = {"batch_size": b, "epochs": epochs, "dropout": p, "seed": seed,
                       "steps": len(history["loss"]),
                       "train_seconds": round(seconds, 1),
                       "samples_per_s": round(len(history["loss"]) * b / seconds),
@@ -117,7 +125,8 @@ def main() -> None:
             r = perplexity_ratio(nll[name], nll[first], ev.doc[ev.test], seed=0)
             runs[name]["test_ratio_to_first"] = {"ratio": r.ratio, "low": r.low,
                                                  "high": r.high, "articles": r.groups}
-        print(f"batch {b}, {epochs} epochs, dropout {p:g}: {runs[name]['steps']} steps in "
+        print(f"batch {b}, {epochs} epochs, dropout {p:g}, seed {seed}: "
+              f"{runs[name]['steps']} steps in "
               f"{seconds:.0f} s; "
               f"validation per epoch {runs[name]['valid_per_epoch']}; α {alpha}; test "
               f"perplexity {test:.2f}" + (f"; ÷ {first}: {r}" if name != first else ""),
