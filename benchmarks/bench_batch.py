@@ -126,14 +126,11 @@ def main() -> None:
             runs[name]["test_ratio_to_first"] = {"ratio": r.ratio, "low": r.low,
                                                  "high": r.high, "articles": r.groups}
         print(f"batch {b}, {epochs} epochs, dropout {p:g}, seed {seed}: "
-              f"{runs[name]['steps']} steps in "
-              f"{seconds:.0f} s; "
-              f"validation per epoch {runs[name]['valid_per_epoch']}; α {alpha}; test "
-              f"perplexity {test:.2f}" + (f"; ÷ {first}: {r}" if name != first else ""),
+              f"{runs[name]['steps']} steps in {seconds:.0f} s; validation per epoch "
+              f"{runs[name]['valid_per_epoch']}; α {alpha}; test perplexity {test:.2f}" + (f"; ÷ {first}: {r}" if name != first else ""),
               flush=True)
     write_results("bench_batch" + ("_quick" if args.quick else ""), {
-        "size": size.name, "keys": len(store), "window": window, "lr": lr,
-        "dropout": dropout,
+        "size": size.name, "keys": len(store), "window": window, "lr": lr, "dropout": dropout,
         "autocast": str(autocast), "threads": torch.get_num_threads(), "runs": runs})
 
 

@@ -193,10 +193,7 @@ class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
         A padded slot may still see itself, so no row is fully blocked (that
         would give NaN); real slots never see padded ones.
         """
-        i = torch.arange(W, device=device)
-        blocked = (i[None, :] > i[:, None]).expand(B, W, W)  # (B, W, W) causal
-        if pad_mask is not None:
-            blocked = blocked | (pad_mask[:, None, :] & (i[:, None] != i[None, :]))
+        blocked = ~_allowed(pad_mask, W, device)[:, 0].expand(B, W, W)  # (B, W, W)
         return blocked.repeat_interleave(self.config.n_heads, dim=0)
 
     def hidden(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,8 +284,9 @@ def _one_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor) -> torch.T
 
 
 def _allowed(pad_mask: torch.Tensor | None, W: int, device) -> torch.Tensor:
-    """Bool ``(B | 1, 1, W, W)``, True = may attend: ``~MemoryDecoder._attention_mask``,
-    shared by every head (the shape ``scaled_dot_product_attention`` broadcasts)."""
+    """Bool ``(B | 1, 1, W, W)``, True = may attend: causal, and no padded key but a
+    slot's own; shared by every head (the shape ``scaled_dot_product_attention``
+    broadcasts).  ``MemoryDecoder._attention_mask`` is its negation, per head."""
     i = torch.arange(W, device=device)
     allowed = (i[None, :] <= i[:, None])[None, None]              # (1, 1, W, W) causal
     if pad_mask is not None:  # a padded slot still sees itself: no row fully blocked
