@@ -385,6 +385,9 @@ def load_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
     Every argument given is checked against what the checkpoint recorded:
     ``base_model_name``, the ``tokenizer``'s fingerprint, ``vocab_size`` (the
     base model's), and the ``store``'s key dim, model, layer and tokenizer.
+    ``output_embedding`` (``model.get_output_embeddings().weight``) is attached
+    when the checkpoint has ``head="tied"`` and ignored otherwise, so a caller
+    can pass it whichever head notebook 03 trained.
     """
     folder = Path(folder)
     c = _read_config(folder)
@@ -410,6 +413,6 @@ def load_decoder(folder, *, base_model_name: str | None = None, tokenizer=None,
     device = resolve_device(device)  # "cuda" without a GPU: says what to use instead
     decoder = MemoryDecoder(c)  # weights are read onto the CPU, wherever they were saved
     load_weights(decoder, folder / "model.safetensors", _advice(folder))
-    if output_embedding is not None:
+    if output_embedding is not None and c.head == "tied":
         decoder.attach_output_embedding(output_embedding)
     return decoder.to(device).eval()

@@ -266,3 +266,20 @@ def test_tied_head_uses_the_attached_embedding_and_does_not_save_it(tmp_path):
         assert torch.equal(loaded(x), out)
     with pytest.raises(DecoderMismatch, match="shape"):
         loaded.attach_output_embedding(torch.randn(41, 32))
+
+
+def test_load_decoder_attaches_the_embedding_to_a_tied_head_only(tmp_path):
+    """Notebooks pass the base model's embedding whatever head notebook 03 trained
+    (its HEAD knob), so a store head must load as before, without a copy of it."""
+    embedding = torch.randn(40, 32)
+    store_head = tiny()
+    save_decoder(store_head, tmp_path / "store")
+    loaded = load_decoder(tmp_path / "store", output_embedding=embedding)
+    assert loaded.output_embedding is None
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), store_head(x))
+    save_decoder(tiny(head="tied"), tmp_path / "tied")
+    assert load_decoder(tmp_path / "tied", output_embedding=embedding).output_embedding is not None
+    with pytest.raises(RuntimeError, match="attach_output_embedding"):  # forgotten: says what to do
+        load_decoder(tmp_path / "tied")(x)
