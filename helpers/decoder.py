@@ -31,6 +31,7 @@ layout ``PyTorchModelHubMixin.save_pretrained`` writes, so both
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import resolve_device, tokenizer_fingerprint
 from .paths import CorruptFile, load_weights, read_json, require_keys, save_checkpoint
@@ -219,9 +221,11 @@ class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
                 h = _layer_inference(layer, h, allowed)
             return self.norm(_layer_inference(last, h, allowed, last_only=True)[:, -1])
         mask = self._attention_mask(pad_mask, *x.shape[:2], x.device)
-        for layer in body:                 # what self.encoder(h, mask) does, minus the
-            h = layer(h, src_mask=mask)    # per-call checks that cost ms at batch 1
-        return self.norm(_last_position(last, h, mask))          # (B, dim)
+        with _attention_kernel(x.device, self.training or torch.is_grad_enabled()):
+            for layer in body:                 # what self.encoder(h, mask) does, minus the
+                h = layer(h, src_mask=mask)    # per-call checks that cost ms at batch 1
+            h = _last_position(last, h, mask)                    # (B, dim)
+        return self.norm(h)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.head(self.hidden(x, pad_mask))                  # (B, V_head | key_dim)
@@ -281,6 +285,22 @@ def _one_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor) -> torch.T
         value = (value.unflatten(-1, (heads, dim // heads)) * keep).flatten(-2)
     h = h + layer.dropout1(attn.out_proj(value))
     return h + layer._ff_block(layer.norm2(h))
+
+
+def _attention_kernel(device: torch.device, training: bool):
+    """The attention kernel for the library layers: plain math on a CPU while training.
+
+    PyTorch's default CPU kernel for ``scaled_dot_product_attention`` is a flash
+    kernel built for long sequences; for this decoder's windows (``W = 4`` keys,
+    32 heads of 8 dimensions, thousands of tiny problems a batch) it took half of
+    each training step, forward and backward, and 3x as long as the same attention
+    written as two small matmuls and a softmax in bf16 (``benchmarks/bench_attention.py``).
+    The math kernel computes exactly that.  Inference keeps the default (the library's
+    fused path does not call it; at batch 1 the math kernel is slower), as does a GPU.
+    """
+    if training and device.type == "cpu":
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
 
 
 def _allowed(pad_mask: torch.Tensor | None, W: int, device) -> torch.Tensor:

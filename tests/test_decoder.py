@@ -283,3 +283,37 @@ def test_load_decoder_attaches_the_embedding_to_a_tied_head_only(tmp_path):
     assert load_decoder(tmp_path / "tied", output_embedding=embedding).output_embedding is not None
     with pytest.raises(RuntimeError, match="attach_output_embedding"):  # forgotten: says what to do
         load_decoder(tmp_path / "tied")(x)
+
+
+def _flash_calls(decoder, x, pad, backward: bool) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = decoder(x, pad)
+        if backward:
+            out.sum().backward()
+    return sum(e.count for e in prof.key_averages() if "flash_attention" in e.key)
+
+
+def test_cpu_training_runs_the_math_attention_kernel_with_the_same_gradients():
+    """The library's CPU flash kernel took half of a W = 4 training step; training on a
+    CPU runs the plain-math kernel instead (helpers.decoder._attention_kernel), which must
+    compute the same loss and gradients; inference keeps the default."""
+    x, pad = inputs(B=16, W=3), torch.zeros(16, 3, dtype=torch.bool)
+    pad[::4, 0] = True
+    decoder = tiny(dropout=0.0).train()  # deterministic
+    assert _flash_calls(decoder, x, pad, backward=True) == 0
+    decoder.zero_grad()
+    out = decoder(x, pad)
+    out.square().mean().backward()
+    mine = {n: p.grad.clone() for n, p in decoder.named_parameters()}
+    decoder.zero_grad()
+    # the library's own forward, with its default kernel
+    h = decoder.inp(torch.where(pad[..., None], 0.0, x)) + decoder.pos
+    mask = decoder._attention_mask(pad, 16, 3, x.device)
+    reference = decoder.head(decoder.norm(decoder.encoder(h, mask=mask)[:, -1]))
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    reference.square().mean().backward()
+    for name, p in decoder.named_parameters():
+        torch.testing.assert_close(mine[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # inference: untouched
+        assert _flash_calls(decoder.eval(), inputs(B=SMALL_BATCH, W=3), None, False) > 0
