@@ -221,7 +221,7 @@ class MemoryDecoder(nn.Module, PyTorchModelHubMixin):
                 h = _layer_inference(layer, h, allowed)
             return self.norm(_layer_inference(last, h, allowed, last_only=True)[:, -1])
         mask = self._attention_mask(pad_mask, *x.shape[:2], x.device)
-        with _attention_kernel(x.device, self.training or torch.is_grad_enabled()):
+        with _attention_kernel(x.device):
             for layer in body:                 # what self.encoder(h, mask) does, minus the
                 h = layer(h, src_mask=mask)    # per-call checks that cost ms at batch 1
             h = _last_position(last, h, mask)                    # (B, dim)
@@ -287,18 +287,21 @@ def _one_position(layer: nn.TransformerEncoderLayer, h: torch.Tensor) -> torch.T
     return h + layer._ff_block(layer.norm2(h))
 
 
-def _attention_kernel(device: torch.device, training: bool):
-    """The attention kernel for the library layers: plain math on a CPU while training.
+def _attention_kernel(device: torch.device):
+    """The attention kernel for the library layers on a CPU: plain math.
 
     PyTorch's default CPU kernel for ``scaled_dot_product_attention`` is a flash
     kernel built for long sequences; for this decoder's windows (``W = 4`` keys,
     32 heads of 8 dimensions, thousands of tiny problems a batch) it took half of
-    each training step, forward and backward, and 3x as long as the same attention
-    written as two small matmuls and a softmax in bf16 (``benchmarks/bench_attention.py``).
-    The math kernel computes exactly that.  Inference keeps the default (the library's
-    fused path does not call it; at batch 1 the math kernel is slower), as does a GPU.
+    each training step, forward and backward.  Timed alone at those shapes in bf16
+    it took 18 ms where the math kernel, which computes the same two small matmuls
+    and softmax, took 6; a whole training step is 1.5x faster in bf16 autocast
+    (``benchmarks/bench_attention.py``), and batched inference a little faster too.
+    Generation (up to ``SMALL_BATCH`` rows, ``_layer_inference``) does not come here
+    and keeps the default; so does a GPU.  The setting is process-wide while the
+    layers run (``torch.nn.attention.sdpa_kernel``).
     """
-    if training and device.type == "cpu":
+    if device.type == "cpu":
         return sdpa_kernel(SDPBackend.MATH)
     return nullcontext()
 

@@ -13,10 +13,10 @@ datastore, and an override such as ``--param NUM_EPOCHS=3`` still wins.
 * **full** (``FULL = True``): the whole training split, whole held-out
   articles, 4 epochs of the ``W = 4`` decoder at lr 3e-3 without dropout (in
   notebook 03 on 2 cores: 10 minutes on an AMX Xeon in bf16, 25 on an AMD EPYC in
-  float32, before training ran the math attention kernel: 6 on the Xeon since; it
-  was 12 epochs at lr 1e-3 with dropout 0.1, 55 minutes), and ``W = 1`` trained
-  the same way for notebook 03's comparison: the README's full table.  Notebook
-  06's token decoder: 4 epochs (from the first 2 layers: 24 minutes of training on
+  float32, before training ran the math attention kernel; 6 in ``bench_batch.py`` on
+  the Xeon since; it was 12 epochs at lr 1e-3 with dropout 0.1, 55 minutes), and
+  ``W = 1`` trained the same way for notebook 03's comparison: the README's full
+  table.  Notebook 06's token decoder: 4 epochs (from the first 2 layers: 24 minutes of training on
   the AMD EPYC, test 5.73 blended, in ``bench_token_decoder.py --size full``; the
   notebook itself, once, on an AMX Xeon: 630 s of training, test 5.71).
 * **smoke** (``MEMDEC_SMOKE=1``, the tests): a dozen articles, seconds.

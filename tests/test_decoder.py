@@ -295,9 +295,10 @@ def _flash_calls(decoder, x, pad, backward: bool) -> int:
 
 
 def test_cpu_training_runs_the_math_attention_kernel_with_the_same_gradients():
-    """The library's CPU flash kernel took half of a W = 4 training step; training on a
-    CPU runs the plain-math kernel instead (helpers.decoder._attention_kernel), which must
-    compute the same loss and gradients; inference keeps the default."""
+    """The library's CPU flash kernel took half of a W = 4 training step; on a CPU the
+    library layers run the plain-math kernel instead (helpers.decoder._attention_kernel),
+    which must compute the same loss and gradients; generation's written-out layers
+    (batches up to SMALL_BATCH) keep the default."""
     x, pad = inputs(B=16, W=3), torch.zeros(16, 3, dtype=torch.bool)
     pad[::4, 0] = True
     decoder = tiny(dropout=0.0).train()  # deterministic
@@ -315,5 +316,6 @@ def test_cpu_training_runs_the_math_attention_kernel_with_the_same_gradients():
     reference.square().mean().backward()
     for name, p in decoder.named_parameters():
         torch.testing.assert_close(mine[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
-    with torch.no_grad():  # inference: untouched
+    with torch.no_grad():  # batched inference: math too; generation: the default
+        assert _flash_calls(decoder.eval(), inputs(B=SMALL_BATCH + 1, W=3), None, False) == 0
         assert _flash_calls(decoder.eval(), inputs(B=SMALL_BATCH, W=3), None, False) > 0
