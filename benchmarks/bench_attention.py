@@ -17,7 +17,7 @@ noisy: compare the kernels of one invocation only.
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -26,17 +26,30 @@ import helpers.decoder as decoder_module
 from helpers.cpu import autocast_dtype, describe
 from helpers.decoder import DecoderConfig, MemoryDecoder
 from helpers.paths import write_results
-from helpers.train_decoder import memdec_loss, optimizer_and_schedule
+from helpers.train_decoder import memdec_loss, optimizer_and_schedule, optimizer_step
 
 B, W, KEY_DIM, VOCAB, K = 256, 4, 640, 4625, 256  # the full store's shapes
 
 
+@contextmanager
 def kernel(name: str):
-    """The decoder's choice of kernel ("math": what helpers.decoder does) or the
-    library's default ("default")."""
-    if name == "math":
-        return decoder_module._attention_kernel
-    return lambda device: nullcontext()
+    """Inside: the decoder's choice of kernel ("math": what helpers.decoder does) or
+    the library's default ("default")."""
+    saved = decoder_module._attention_kernel
+    if name == "default":
+        decoder_module._attention_kernel = lambda device: nullcontext()
+    try:
+        yield
+    finally:
+        decoder_module._attention_kernel = saved
+
+
+def decoder() -> MemoryDecoder:
+    """A fresh full-size decoder (seed 0) in training mode, without dropout."""
+    torch.manual_seed(0)
+    return MemoryDecoder(DecoderConfig(key_dim=KEY_DIM, base_vocab_size=262144,
+                                       vocab_ids=list(range(VOCAB)), window=W, dim=256,
+                                       head="store", dropout=0.0)).train()
 
 
 def batches(n: int, seed: int = 0):
@@ -53,30 +66,20 @@ def batches(n: int, seed: int = 0):
 
 def step_times(name: str, steps: int, autocast) -> list[float]:
     """Seconds per step of ``steps`` training steps (after 3 warm-up steps)."""
-    torch.manual_seed(0)
-    dec = MemoryDecoder(DecoderConfig(key_dim=KEY_DIM, base_vocab_size=262144,
-                                      vocab_ids=list(range(VOCAB)), window=W, dim=256,
-                                      head="store", dropout=0.0)).train()
+    dec = decoder()
     params = [p for p in dec.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(params, 3e-3, 0.01, 0.05, steps + 3)
-    decoder_module._attention_kernel, saved = kernel(name), decoder_module._attention_kernel
-    times = []
-    try:
+    history, times = {"loss": [], "kl": [], "ce": []}, []
+    with kernel(name):
         for i, (x, pad, ids, probs, nxt) in enumerate(batches(steps + 3)):
             tic = time.perf_counter()
             with torch.autocast("cpu", dtype=autocast or torch.bfloat16,
                                 enabled=autocast is not None):
                 logits = dec(x, pad)
-            loss = memdec_loss(logits, ids, probs, nxt, dec, 0.5)[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
+            loss, kl, ce = memdec_loss(logits, ids, probs, nxt, dec, 0.5)
+            optimizer_step(loss, kl, ce, params, optimizer, scheduler, history)  # train_decoder's
             if i >= 3:
                 times.append(time.perf_counter() - tic)
-    finally:
-        decoder_module._attention_kernel = saved
     return times
 
 
@@ -85,16 +88,10 @@ def gradient_difference() -> float:
     relative to the largest gradient."""
     grads = {}
     for name in ("default", "math"):
-        torch.manual_seed(0)
-        dec = MemoryDecoder(DecoderConfig(key_dim=KEY_DIM, base_vocab_size=262144,
-                                          vocab_ids=list(range(VOCAB)), window=W, dim=256,
-                                          head="store", dropout=0.0)).train()
-        decoder_module._attention_kernel, saved = kernel(name), decoder_module._attention_kernel
-        try:
+        dec = decoder()
+        with kernel(name):
             x, pad, ids, probs, nxt = next(batches(1))
             memdec_loss(dec(x, pad), ids, probs, nxt, dec, 0.5)[0].backward()
-        finally:
-            decoder_module._attention_kernel = saved
         grads[name] = torch.cat([p.grad.flatten() for p in dec.parameters()])
     return float((grads["math"] - grads["default"]).abs().max() / grads["default"].abs().max())
 

@@ -16,9 +16,10 @@ datastore, and an override such as ``--param NUM_EPOCHS=3`` still wins.
   float32, before training ran the math attention kernel; 6 in ``bench_batch.py`` on
   the Xeon since; it was 12 epochs at lr 1e-3 with dropout 0.1, 55 minutes), and
   ``W = 1`` trained the same way for notebook 03's comparison: the README's full
-  table.  Notebook 06's token decoder: 4 epochs (from the first 2 layers: 24 minutes of training on
-  the AMD EPYC, test 5.73 blended, in ``bench_token_decoder.py --size full``; the
-  notebook itself, once, on an AMX Xeon: 630 s of training, test 5.71).
+  table.  Notebook 06's token decoder: 4 epochs (from the first 2 layers: 24
+  minutes of training on the AMD EPYC, test 5.73 blended, in
+  ``bench_token_decoder.py --size full``; the notebook itself, once, on an AMX
+  Xeon: 630 s of training, test 5.71).
 * **smoke** (``MEMDEC_SMOKE=1``, the tests): a dozen articles, seconds.
 
 The README's "Two sizes" table gives the times and perplexities of each.
