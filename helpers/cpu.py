@@ -2,14 +2,18 @@
 
 Used by ``helpers.index`` (every FAISS import goes through :func:`import_faiss`)
 and printed by notebook 02.  Machines of the same size differ: an AMD EPYC with
-AVX2 only, an Intel Xeon with AVX-512 and fast bf16.  Two things follow:
+AVX2 only, an Intel Xeon with AVX-512 and fast bf16 (AVX-512-bf16 and AMX), an
+AMD EPYC with AVX-512 and AVX-512-bf16.  Two things follow:
 
 * The OpenBLAS that faiss-cpu bundles (0.3.15 in faiss-cpu 1.15.1) predates some
-  CPUs and then falls back to its generic "Prescott" kernels, about 3x slower
-  for exact search (~22 against ~72 GFLOP/s seen on an AVX-512 Xeon).  OpenBLAS
-  reads ``OPENBLAS_CORETYPE`` when it loads, so :func:`import_faiss` asks a
-  short-lived subprocess which kernel it would pick and, on a fallback, sets the
-  variable (``SkylakeX`` with AVX-512, ``Haswell`` with AVX2) before FAISS loads.
+  CPUs and then falls back to kernels far below what they can run: its generic
+  "Prescott" on an AVX-512 Xeon (~22 against ~72 GFLOP/s for exact search), its
+  "Barcelona" (an SSE3 Opteron's) on an AVX-512 AMD EPYC (102 against 354 GFLOP/s
+  with SkylakeX, 229 with Haswell).  OpenBLAS reads ``OPENBLAS_CORETYPE`` when it
+  loads, so :func:`import_faiss` asks a short-lived subprocess which kernel it
+  would pick and, where that kernel uses less of the CPU's vector width than it
+  has, sets the variable (``SkylakeX`` with AVX-512, ``Haswell`` with AVX2) before
+  FAISS loads.  The search results are the same with either kernel.
 * bf16 matmuls are fast only with AVX-512-bf16 or AMX (:func:`fast_bf16`);
   elsewhere PyTorch emulates them, 8x slower than float32.
 """
@@ -22,8 +26,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-GENERIC = {"prescott", "core2", "nehalem", "katmai", "coppermine", "northwood", "banias",
-           "atom", "unknown"}
+# OpenBLAS's x86-64 kernel families by the widest vectors they use (lower case);
+# a name not listed (an old or unknown one) counts as level 0.
+KERNEL_LEVEL = {
+    **dict.fromkeys(["sandybridge", "bulldozer", "piledriver", "steamroller"], 1),  # AVX
+    **dict.fromkeys(["haswell", "zen", "excavator"], 2),                            # AVX2
+    **dict.fromkeys(["skylakex", "cooperlake", "sapphirerapids"], 3),               # AVX-512
+}
+CORETYPE_FOR_LEVEL = {3: "SkylakeX", 2: "Haswell"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,16 +107,29 @@ def openblas_kernel(library: Path | None = None, env: dict | None = None) -> str
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
-def better_coretype(kernel: str | None, flags=None) -> str | None:
-    """The ``OPENBLAS_CORETYPE`` to use instead of a generic ``kernel``, or None."""
+def cpu_level(flags=None) -> int:
+    """The widest vectors this CPU runs, on ``KERNEL_LEVEL``'s scale (3 = AVX-512)."""
     flags = cpu_flags() if flags is None else flags
-    if kernel is None or kernel.lower() not in GENERIC:
-        return None
     if "avx512f" in flags and "avx512bw" in flags:
-        return "SkylakeX"
+        return 3
     if "avx2" in flags and "fma" in flags:
-        return "Haswell"
-    return None
+        return 2
+    return 1 if "avx" in flags else 0
+
+
+def better_coretype(kernel: str | None, flags=None) -> str | None:
+    """The ``OPENBLAS_CORETYPE`` to use instead of ``kernel``, or None to keep it.
+
+    Replaces a kernel family that uses narrower vectors than the CPU has
+    (``Prescott`` or ``Barcelona`` on an AVX-512 CPU, ``Zen`` there too).
+    """
+    flags = cpu_flags() if flags is None else flags
+    if kernel is None:
+        return None
+    have = cpu_level(flags)
+    if KERNEL_LEVEL.get(kernel.lower(), 0) >= have:
+        return None
+    return CORETYPE_FOR_LEVEL.get(have)
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,7 +140,11 @@ def prepare_openblas() -> str:
     Leaves a value the user set alone.
     """
     if "OPENBLAS_CORETYPE" in os.environ:
-        return f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} (set by you)"
+        chosen = os.environ["OPENBLAS_CORETYPE"]
+        better = better_coretype(chosen)
+        hint = (f"; this CPU's vectors are wider: unset it to let the helpers set {better}"
+                if better else "")
+        return f"OPENBLAS_CORETYPE={chosen} (set by you{hint})"
     if "faiss" in sys.modules:
         return "faiss was imported already: OpenBLAS kernel left as it chose"
     kernel = openblas_kernel()
@@ -125,8 +152,8 @@ def prepare_openblas() -> str:
     if better is None:
         return f"faiss's OpenBLAS kernel: {kernel or 'unknown'}"
     os.environ["OPENBLAS_CORETYPE"] = better
-    return (f"faiss's OpenBLAS does not know this CPU (it would use its generic {kernel} "
-            f"kernels): set OPENBLAS_CORETYPE={better}")
+    return (f"faiss's OpenBLAS does not know this CPU (it would use its {kernel} kernels, "
+            f"made for narrower vectors): set OPENBLAS_CORETYPE={better}")
 
 
 def import_faiss():
