@@ -4,7 +4,7 @@ Trains the ``W = 4`` decoder for a few steps in a fresh process, twice, then
 extracts the keys of 12 training articles with the base model (which runs
 inside ``helpers.fastpath.freed_memory_kept``) and trains again, with the model
 alive and after deleting it.  If the extraction left glibc's malloc thresholds
-pinned low, the later runs are slower (see the README's Performance section).
+pinned low, the later runs are slower (see *Key extraction* in benchmarks/RESULTS.md).
 
     python benchmarks/bench_after_extraction.py           # the quick store
     python benchmarks/bench_after_extraction.py --full    # the full store (notebook 02, FULL=True)

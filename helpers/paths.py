@@ -381,7 +381,7 @@ def benchmark_results(name: str) -> tuple[dict, str] | None:
 
     Your own finished run (``data/artifacts/<name>.json``) wins; otherwise the
     run shipped with the project (``benchmarks/results/<name>.json``, the
-    figures the README quotes).  A run that was interrupted (``"partial"``) is
+    figures benchmarks/RESULTS.md quotes).  A run that was interrupted (``"partial"``) is
     skipped.
     """
     for path, origin in [(artifacts_dir() / f"{name}.json", "your run"),
