@@ -106,7 +106,10 @@ def test_freed_memory_kept_stops_page_faults_inside_its_block_only():
         for _ in range(3):  # the heap grows to its working size over the first rounds
             _mlp_page_faults()
         inside = _mlp_page_faults()
-    assert inside < 4096  # one 16 MB block is 4,096 pages of 4 KB
+    # One 16 MB block is 4,096 pages of 4 KB. In a fresh process this reads 0; in the test
+    # session, after hundreds of tests have shaped the heap, it read exactly 4,096 once (one
+    # block faulted in afresh, CI on an AVX-512 AMD EPYC). The default faults 70,000+.
+    assert inside < 4 * 4096, f"{inside} page faults inside the block (default: 70,000+)"
     kept_for_good = _faults_after("keep_freed_memory()")
     assert kept_for_good < 4 * 4096
     # after the block, 4 MB blocks are reused from the heap (0 faults here), not mapped
