@@ -10,9 +10,11 @@ perplexities with a 95 % paired bootstrap interval over the test articles.
     python benchmarks/bench_batch.py --quick --runs 256x3,128x3,64x3
     python benchmarks/bench_batch.py --runs 256x4,128x3       # the full size
     python benchmarks/bench_batch.py --runs 256x4,256x6d0.1   # 6 epochs with dropout 0.1
+    python benchmarks/bench_batch.py --runs 256x4,256x4b0.3   # more weight on cross-entropy
 
 A run's ``dD`` suffix sets its dropout (default: the size's), an ``lLR`` suffix its peak
-learning rate (default: ``--lr``, else the size's), an ``sN`` suffix its seed (initial weights
+learning rate (default: ``--lr``, else the size's), a ``bB`` suffix its loss weight β
+(``β·KL + (1-β)·CE``; default 0.5, notebook 03's), an ``sN`` suffix its seed (initial weights
 and batch order; default 0): ``256x4,256x4s1,256x4s2`` shows how much the test perplexity
 moves between draws of the same schedule, ``256x4,256x12d0.1l1e-3`` compares the default
 with the earlier 12-epoch schedule.
@@ -43,46 +45,52 @@ from helpers.train_decoder import decoder_target_probs, train_decoder
 ALPHAS = np.round(np.linspace(0, 1, 21), 2)  # notebook 03's grid
 
 
-RUN = re.compile(r"(\d+)x(\d+)(?:d([0-9.]+))?(?:l([0-9.]+(?:e-?\d+)?))?(?:s(\d+))?")
-SYNTAX = ("--runs takes BATCHxEPOCHS[dDROPOUT][lLR][sSEED] separated by commas, e.g. "
-          "256x4,128x3,256x6d0.1,256x12d0.1l1e-3,256x4s1 (batch and epochs >= 1, dropout in "
-          "[0, 1), learning rate > 0, seed >= 0)")
+BETA = 0.5  # notebook 03's loss weight
+RUN = re.compile(r"(\d+)x(\d+)(?:d([0-9.]+))?(?:l([0-9.]+(?:e-?\d+)?))?(?:b([0-9.]+))?"
+                 r"(?:s(\d+))?")
+SYNTAX = ("--runs takes BATCHxEPOCHS[dDROPOUT][lLR][bBETA][sSEED] separated by commas, e.g. "
+          "256x4,128x3,256x6d0.1,256x12d0.1l1e-3,256x4b0.3,256x4s1 (batch and epochs >= 1, "
+          "dropout in [0, 1), learning rate > 0, beta in [0, 1], seed >= 0)")
 
 
-def parse_runs(text: str, dropout: float, lr: float) -> list[tuple[int, int, float, float, int]]:
-    """``"256x4,256x6d0.1,256x12l1e-3,256x4s1"`` -> ``[(256, 4, dropout, lr, 0),
-    (256, 6, 0.1, lr, 0), (256, 12, dropout, 0.001, 0), (256, 4, dropout, lr, 1)]``:
-    batch, epochs, dropout, learning rate, seed."""
+def parse_runs(text: str, dropout: float,
+               lr: float) -> list[tuple[int, int, float, float, float, int]]:
+    """``"256x4,256x6d0.1,256x12l1e-3,256x4b0.3,256x4s1"`` -> ``[(256, 4, dropout, lr, 0.5, 0),
+    (256, 6, 0.1, lr, 0.5, 0), (256, 12, dropout, 0.001, 0.5, 0), (256, 4, dropout, lr, 0.3, 0),
+    (256, 4, dropout, lr, 0.5, 1)]``: batch, epochs, dropout, learning rate, β, seed."""
     runs = []
     for r in text.split(","):
         m = RUN.fullmatch(r.strip())
         try:
-            b, epochs, seed = int(m[1]), int(m[2]), int(m[5] or 0)
+            b, epochs, seed = int(m[1]), int(m[2]), int(m[6] or 0)
             p = dropout if m[3] is None else float(m[3])
             rate = lr if m[4] is None else float(m[4])
+            beta = BETA if m[5] is None else float(m[5])
         except (TypeError, ValueError):  # no match, or a number like "0.1.2"
-            b = epochs = p = rate = -1
-        if min(b, epochs) < 1 or not 0 <= p < 1 or not rate > 0:
+            b = epochs = p = rate = beta = -1
+        if min(b, epochs) < 1 or not 0 <= p < 1 or not rate > 0 or not 0 <= beta <= 1:
             raise SystemExit(f"{SYNTAX}; got {r!r}.")
-        if (b, epochs, p, rate, seed) in runs:
+        if (b, epochs, p, rate, beta, seed) in runs:
             raise SystemExit(f"--runs asks for {r!r} twice "
-                             f"({run_name(b, epochs, p, rate, seed, dropout, lr)} with the size's "
-                             f"dropout {dropout:g} and learning rate {lr:g}); give each run once.")
-        runs.append((b, epochs, p, rate, seed))
+                             f"({run_name(b, epochs, p, rate, beta, seed, dropout, lr)} with the "
+                             f"size's dropout {dropout:g} and learning rate {lr:g}); give each "
+                             "run once.")
+        runs.append((b, epochs, p, rate, beta, seed))
     return runs
 
 
-def run_name(b: int, epochs: int, p: float, rate: float, seed: int, dropout: float,
-             lr: float) -> str:
+def run_name(b: int, epochs: int, p: float, rate: float, beta: float, seed: int,
+             dropout: float, lr: float) -> str:
     return (f"{b}x{epochs}" + (f"d{p:g}" if p != dropout else "")
-            + (f"l{rate:g}" if rate != lr else "") + (f"s{seed}" if seed else ""))
+            + (f"l{rate:g}" if rate != lr else "") + (f"b{beta:g}" if beta != BETA else "")
+            + (f"s{seed}" if seed else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the quick size (default full)")
     ap.add_argument("--runs", default="256x4,128x3",
-                    help="BATCHxEPOCHS[dDROPOUT][lLR][sSEED] per run, the reference first")
+                    help="BATCHxEPOCHS[dDROPOUT][lLR][bBETA][sSEED] per run, the reference first")
     ap.add_argument("--lr", type=float, default=None, help="default: the size's")
     args = ap.parse_args()
     size = pick_size(not args.quick)
@@ -108,20 +116,21 @@ def main() -> None:
 
     runs, nll = {}, {}
     first = run_name(*runs_asked[0], dropout, lr)
-    for b, epochs, p, rate, seed in runs_asked:
-        name = run_name(b, epochs, p, rate, seed, dropout, lr)
+    for b, epochs, p, rate, beta, seed in runs_asked:
+        name = run_name(b, epochs, p, rate, beta, seed, dropout, lr)
         torch.manual_seed(seed)  # the decoder's initial weights
         dec = MemoryDecoder(DecoderConfig.from_store(store, vocab, dim=256, window=window,
                                                      head="store", dropout=p))
         tic = time.perf_counter()
         history = train_decoder(dec, store, targets, epochs=epochs, lr=rate, batch_size=b,
-                                beta=0.5, eval_fn=validation, patience=2, seed=seed,
+                                beta=beta, eval_fn=validation, patience=2, seed=seed,
                                 progress=False, autocast=autocast)
         seconds = time.perf_counter() - tic
         p_dec = decoder_target_probs(dec, ev.keys, ev.doc, ev.values)
         alpha, valid, test = best_alpha(ev.p_base, p_dec, ev.valid, ev.test, ALPHAS)
         nll[name] = token_nll(interpolate(ev.p_base[ev.test], p_dec[ev.test], alpha))
-        runs[name] = {"batch_size": b, "epochs": epochs, "dropout": p, "lr": rate, "seed": seed,
+        runs[name] = {"batch_size": b, "epochs": epochs, "dropout": p, "lr": rate, "beta": beta,
+                      "seed": seed,
                       "steps": len(history["loss"]),
                       "train_seconds": round(seconds, 1),
                       "samples_per_s": round(len(history["loss"]) * b / seconds),
@@ -132,7 +141,7 @@ def main() -> None:
             r = perplexity_ratio(nll[name], nll[first], ev.doc[ev.test], seed=0)
             runs[name]["test_ratio_to_first"] = {"ratio": r.ratio, "low": r.low,
                                                  "high": r.high, "articles": r.groups}
-        print(f"batch {b}, {epochs} epochs, dropout {p:g}, lr {rate:g}, seed {seed}: "
+        print(f"batch {b}, {epochs} epochs, dropout {p:g}, lr {rate:g}, β {beta:g}, seed {seed}: "
               f"{runs[name]['steps']} steps in {seconds:.0f} s; validation per epoch "
               f"{runs[name]['valid_per_epoch']}; α {alpha}; test perplexity {test:.2f}" + (f"; ÷ {first}: {r}" if name != first else ""),
               flush=True)
