@@ -11,10 +11,13 @@ perplexities with a 95 % paired bootstrap interval over the test articles.
     python benchmarks/bench_batch.py --runs 256x4,128x3       # the full size
     python benchmarks/bench_batch.py --runs 256x4,256x6d0.1   # 6 epochs with dropout 0.1
     python benchmarks/bench_batch.py --runs 256x4,256x4b0.3   # more weight on cross-entropy
+    python benchmarks/bench_batch.py --runs 256x4,256x4t600   # softer kNN targets
 
 A run's ``dD`` suffix sets its dropout (default: the size's), an ``lLR`` suffix its peak
 learning rate (default: ``--lr``, else the size's), a ``bB`` suffix its loss weight β
-(``β·KL + (1-β)·CE``; default 0.5, notebook 03's), an ``sN`` suffix its seed (initial weights
+(``β·KL + (1-β)·CE``; default 0.5, notebook 03's), a ``tT`` suffix the temperature of its kNN
+targets (``exp(-d / T)``; default 300, notebook 03's: another one computes and caches those
+targets first, minutes at the full size), an ``sN`` suffix its seed (initial weights
 and batch order; default 0): ``256x4,256x4s1,256x4s2`` shows how much the test perplexity
 moves between draws of the same schedule, ``256x4,256x12d0.1l1e-3`` compares the default
 with the earlier 12-epoch schedule.
@@ -35,62 +38,70 @@ from helpers.corpus import load_corpus, split_by_document
 from helpers.cpu import autocast_dtype, describe
 from helpers.decoder import DecoderConfig, MemoryDecoder
 from helpers.evaluation import heldout_eval
+from helpers.index import load_or_build_index
 from helpers.knn import best_alpha, interpolate, perplexity
 from helpers.model import EMBEDDED_MODEL, load_base_model
 from helpers.paths import write_results
 from helpers.sizes import by_size, pick_size
 from helpers.stats import perplexity_ratio, token_nll
-from helpers.train_decoder import decoder_target_probs, train_decoder
+from helpers.train_decoder import decoder_target_probs, precompute_knn_targets, train_decoder
 
 ALPHAS = np.round(np.linspace(0, 1, 21), 2)  # notebook 03's grid
 
 
-BETA = 0.5  # notebook 03's loss weight
+BETA, TEMPERATURE = 0.5, 300.0  # notebook 03's loss weight and kNN temperature
 RUN = re.compile(r"(\d+)x(\d+)(?:d([0-9.]+))?(?:l([0-9.]+(?:e-?\d+)?))?(?:b([0-9.]+))?"
-                 r"(?:s(\d+))?")
-SYNTAX = ("--runs takes BATCHxEPOCHS[dDROPOUT][lLR][bBETA][sSEED] separated by commas, e.g. "
-          "256x4,128x3,256x6d0.1,256x12d0.1l1e-3,256x4b0.3,256x4s1 (batch and epochs >= 1, "
-          "dropout in [0, 1), learning rate > 0, beta in [0, 1], seed >= 0)")
+                 r"(?:t([0-9.]+))?(?:s(\d+))?")
+SYNTAX = ("--runs takes BATCHxEPOCHS[dDROPOUT][lLR][bBETA][tTEMPERATURE][sSEED] separated by "
+          "commas, e.g. 256x4,128x3,256x6d0.1,256x12d0.1l1e-3,256x4b0.3,256x4t600,256x4s1 (batch "
+          "and epochs >= 1, dropout in [0, 1), learning rate > 0, beta in [0, 1], temperature > "
+          "0, seed >= 0)")
 
 
 def parse_runs(text: str, dropout: float,
-               lr: float) -> list[tuple[int, int, float, float, float, int]]:
-    """``"256x4,256x6d0.1,256x12l1e-3,256x4b0.3,256x4s1"`` -> ``[(256, 4, dropout, lr, 0.5, 0),
-    (256, 6, 0.1, lr, 0.5, 0), (256, 12, dropout, 0.001, 0.5, 0), (256, 4, dropout, lr, 0.3, 0),
-    (256, 4, dropout, lr, 0.5, 1)]``: batch, epochs, dropout, learning rate, β, seed."""
+               lr: float) -> list[tuple[int, int, float, float, float, float, int]]:
+    """``"256x4,256x6d0.1,256x12l1e-3,256x4b0.3,256x4t600,256x4s1"`` ->
+    ``[(256, 4, dropout, lr, 0.5, 300, 0), (256, 6, 0.1, lr, 0.5, 300, 0),
+    (256, 12, dropout, 0.001, 0.5, 300, 0), (256, 4, dropout, lr, 0.3, 300, 0),
+    (256, 4, dropout, lr, 0.5, 600, 0), (256, 4, dropout, lr, 0.5, 300, 1)]``: batch, epochs,
+    dropout, learning rate, β, kNN temperature, seed."""
     runs = []
     for r in text.split(","):
         m = RUN.fullmatch(r.strip())
         try:
-            b, epochs, seed = int(m[1]), int(m[2]), int(m[6] or 0)
+            b, epochs, seed = int(m[1]), int(m[2]), int(m[7] or 0)
             p = dropout if m[3] is None else float(m[3])
             rate = lr if m[4] is None else float(m[4])
             beta = BETA if m[5] is None else float(m[5])
+            temp = TEMPERATURE if m[6] is None else float(m[6])
         except (TypeError, ValueError):  # no match, or a number like "0.1.2"
-            b = epochs = p = rate = beta = -1
-        if min(b, epochs) < 1 or not 0 <= p < 1 or not rate > 0 or not 0 <= beta <= 1:
+            b = epochs = p = rate = beta = temp = -1
+        if (min(b, epochs) < 1 or not 0 <= p < 1 or not rate > 0 or not 0 <= beta <= 1
+                or not temp > 0):
             raise SystemExit(f"{SYNTAX}; got {r!r}.")
-        if (b, epochs, p, rate, beta, seed) in runs:
+        if (b, epochs, p, rate, beta, temp, seed) in runs:
             raise SystemExit(f"--runs asks for {r!r} twice "
-                             f"({run_name(b, epochs, p, rate, beta, seed, dropout, lr)} with the "
+                             f"({run_name(b, epochs, p, rate, beta, temp, seed, dropout, lr)} "
+                             "with the "
                              f"size's dropout {dropout:g} and learning rate {lr:g}); give each "
                              "run once.")
-        runs.append((b, epochs, p, rate, beta, seed))
+        runs.append((b, epochs, p, rate, beta, temp, seed))
     return runs
 
 
-def run_name(b: int, epochs: int, p: float, rate: float, beta: float, seed: int,
+def run_name(b: int, epochs: int, p: float, rate: float, beta: float, temp: float, seed: int,
              dropout: float, lr: float) -> str:
     return (f"{b}x{epochs}" + (f"d{p:g}" if p != dropout else "")
             + (f"l{rate:g}" if rate != lr else "") + (f"b{beta:g}" if beta != BETA else "")
-            + (f"s{seed}" if seed else ""))
+            + (f"t{temp:g}" if temp != TEMPERATURE else "") + (f"s{seed}" if seed else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the quick size (default full)")
     ap.add_argument("--runs", default="256x4,128x3",
-                    help="BATCHxEPOCHS[dDROPOUT][lLR][bBETA][sSEED] per run, the reference first")
+                    help="BATCHxEPOCHS[dDROPOUT][lLR][bBETA][tTEMPERATURE][sSEED] per run, the "
+                         "reference first")
     ap.add_argument("--lr", type=float, default=None, help="default: the size's")
     args = ap.parse_args()
     size = pick_size(not args.quick)
@@ -116,8 +127,13 @@ def main() -> None:
 
     runs, nll = {}, {}
     first = run_name(*runs_asked[0], dropout, lr)
-    for b, epochs, p, rate, beta, seed in runs_asked:
-        name = run_name(b, epochs, p, rate, beta, seed, dropout, lr)
+    index = None  # opened if a run asks for other targets than notebook 03's
+    for b, epochs, p, rate, beta, temp, seed in runs_asked:
+        name = run_name(b, epochs, p, rate, beta, temp, seed, dropout, lr)
+        if temp != targets.temperature:
+            if index is None:
+                index = load_or_build_index(store, "Flat")
+            targets = precompute_knn_targets(store, index, k=256, temperature=temp)
         torch.manual_seed(seed)  # the decoder's initial weights
         dec = MemoryDecoder(DecoderConfig.from_store(store, vocab, dim=256, window=window,
                                                      head="store", dropout=p))
@@ -130,7 +146,7 @@ def main() -> None:
         alpha, valid, test = best_alpha(ev.p_base, p_dec, ev.valid, ev.test, ALPHAS)
         nll[name] = token_nll(interpolate(ev.p_base[ev.test], p_dec[ev.test], alpha))
         runs[name] = {"batch_size": b, "epochs": epochs, "dropout": p, "lr": rate, "beta": beta,
-                      "seed": seed,
+                      "temperature": temp, "seed": seed,
                       "steps": len(history["loss"]),
                       "train_seconds": round(seconds, 1),
                       "samples_per_s": round(len(history["loss"]) * b / seconds),
@@ -141,7 +157,8 @@ def main() -> None:
             r = perplexity_ratio(nll[name], nll[first], ev.doc[ev.test], seed=0)
             runs[name]["test_ratio_to_first"] = {"ratio": r.ratio, "low": r.low,
                                                  "high": r.high, "articles": r.groups}
-        print(f"batch {b}, {epochs} epochs, dropout {p:g}, lr {rate:g}, β {beta:g}, seed {seed}: "
+        print(f"batch {b}, {epochs} epochs, dropout {p:g}, lr {rate:g}, β {beta:g}, "
+              f"T {temp:g}, seed {seed}: "
               f"{runs[name]['steps']} steps in {seconds:.0f} s; validation per epoch "
               f"{runs[name]['valid_per_epoch']}; α {alpha}; test perplexity {test:.2f}" + (f"; ÷ {first}: {r}" if name != first else ""),
               flush=True)
