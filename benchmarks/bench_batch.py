@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from bench_dropout import store_and_targets  # this folder: the same store and targets
+from bench_dropout import K, TEMPERATURE, store_and_targets  # this folder: the same targets
 from helpers.corpus import load_corpus, split_by_document
 from helpers.cpu import autocast_dtype, describe
 from helpers.decoder import DecoderConfig, MemoryDecoder
@@ -49,7 +49,7 @@ from helpers.train_decoder import decoder_target_probs, precompute_knn_targets, 
 ALPHAS = np.round(np.linspace(0, 1, 21), 2)  # notebook 03's grid
 
 
-BETA, TEMPERATURE = 0.5, 300.0  # notebook 03's loss weight and kNN temperature
+BETA = 0.5  # notebook 03's loss weight
 RUN = re.compile(r"(\d+)x(\d+)(?:d([0-9.]+))?(?:l([0-9.]+(?:e-?\d+)?))?(?:b([0-9.]+))?"
                  r"(?:t([0-9.]+))?(?:s(\d+))?")
 SYNTAX = ("--runs takes BATCHxEPOCHS[dDROPOUT][lLR][bBETA][tTEMPERATURE][sSEED] separated by "
@@ -82,9 +82,8 @@ def parse_runs(text: str, dropout: float,
         if (b, epochs, p, rate, beta, temp, seed) in runs:
             raise SystemExit(f"--runs asks for {r!r} twice "
                              f"({run_name(b, epochs, p, rate, beta, temp, seed, dropout, lr)} "
-                             "with the "
-                             f"size's dropout {dropout:g} and learning rate {lr:g}); give each "
-                             "run once.")
+                             f"with the size's dropout {dropout:g} and learning rate {lr:g}); "
+                             "give each run once.")
         runs.append((b, epochs, p, rate, beta, temp, seed))
     return runs
 
@@ -133,7 +132,7 @@ def main() -> None:
         if temp != targets.temperature:
             if index is None:
                 index = load_or_build_index(store, "Flat")
-            targets = precompute_knn_targets(store, index, k=256, temperature=temp)
+            targets = precompute_knn_targets(store, index, k=K, temperature=temp)
         torch.manual_seed(seed)  # the decoder's initial weights
         dec = MemoryDecoder(DecoderConfig.from_store(store, vocab, dim=256, window=window,
                                                      head="store", dropout=p))

@@ -23,12 +23,15 @@ from helpers.index import load_or_build_index
 from helpers.train_decoder import precompute_knn_targets, train_decoder
 
 
+K, TEMPERATURE = 256, 300.0  # notebook 03's neighbours and kNN temperature
+
+
 def store_and_targets(full: bool):
     """The quick (or full) store and notebook 03's cached kNN targets for it."""
     store = Datastore.open(default_store_path("gemma-3-270m", "eu-law", -1, "float32",
                                               tag="" if full else "quick"))
-    targets = precompute_knn_targets(store, load_or_build_index(store, "Flat"), k=256,
-                                     temperature=300.0)  # notebook 03's cached targets
+    targets = precompute_knn_targets(store, load_or_build_index(store, "Flat"), k=K,
+                                     temperature=TEMPERATURE)  # notebook 03's cached targets
     return store, targets
 
 
